@@ -1,0 +1,196 @@
+"""Every routed-LoRA backend equals the oracle (forward and gradients), and the oracle equals a
+plain numpy loop."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from phatgoose_jax import routing as rt
+from phatgoose_jax.routing import backends as bk
+
+T, D, F, E, R, K = 7, 13, 11, 5, 3, 2
+
+# name -> (backend, extra kwargs). Both 'sorted' implementations are exercised on CPU; a small
+# block size forces several padded blocks per expert in the fallback.
+VARIANTS = {
+    "dense": ("dense", {}),
+    "gather": ("gather", {}),
+    "sorted_blocked": ("sorted", {"use_ragged_dot": False, "block_rows": 2}),
+    "sorted_ragged": ("sorted", {"use_ragged_dot": True}),
+    "auto": ("auto", {}),
+}
+
+
+def _problem(seed=0, lead=(T,), dtype=np.float32, duplicates=False):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=lead + (D,)).astype(dtype)
+  a = rng.normal(size=(E, D, R)).astype(dtype)
+  b = rng.normal(size=(E, R, F)).astype(dtype)
+  if duplicates:
+    idx = rng.integers(0, E, size=lead + (K,)).astype(np.int32)
+  else:
+    idx = np.argsort(rng.random(lead + (E,)), axis=-1)[..., :K].astype(np.int32)
+  w = rng.random(lead + (K,)).astype(dtype)
+  return x, a, b, rt.Routing(jnp.asarray(idx), jnp.asarray(w))
+
+
+def _numpy_reference(x, a, b, routing, scale):
+  idx = np.asarray(routing.indices)
+  w = np.asarray(routing.weights, np.float64)
+  s = np.broadcast_to(np.asarray(scale, np.float64), (E,))
+  x2 = np.asarray(x, np.float64).reshape(-1, D)
+  idx2, w2 = idx.reshape(-1, K), w.reshape(-1, K)
+  out = np.zeros((x2.shape[0], F))
+  for t in range(x2.shape[0]):
+    for k in range(K):
+      e = idx2[t, k]
+      out[t] += w2[t, k] * s[e] * (x2[t] @ np.asarray(a[e], np.float64) @ np.asarray(b[e],
+                                                                                    np.float64))
+  return out.reshape(x.shape[:-1] + (F,))
+
+
+def _run(name, x, a, b, routing, scale):
+  backend, kw = VARIANTS[name]
+  return rt.routed_lora(x, a, b, routing, scale, backend=backend, **kw)
+
+
+@pytest.mark.parametrize("duplicates", [False, True])
+def test_oracle_matches_numpy(duplicates):
+  x, a, b, r = _problem(duplicates=duplicates)
+  scale = np.linspace(0.5, 2.0, E).astype(np.float32)
+  out = rt.routed_lora(x, a, b, r, jnp.asarray(scale), backend="oracle")
+  np.testing.assert_allclose(np.asarray(out), _numpy_reference(x, a, b, r, scale),
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("duplicates", [False, True])
+def test_forward_equals_oracle(name, duplicates):
+  x, a, b, r = _problem(seed=1, duplicates=duplicates)
+  want = rt.routed_lora(x, a, b, r, 0.5, backend="oracle")
+  got = _run(name, x, a, b, r, 0.5)
+  assert got.shape == (T, F) and got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_leading_dims_and_per_expert_scale(name):
+  x, a, b, r = _problem(seed=2, lead=(2, 3))
+  scale = jnp.asarray([0.1, 1.0, 2.0, 0.5, 3.0], jnp.float32)
+  want = _numpy_reference(x, a, b, r, np.asarray(scale))
+  got = _run(name, x, a, b, r, scale)
+  assert got.shape == (2, 3, F)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", [n for n in VARIANTS if n != "auto"])
+def test_gradients_equal_oracle(name):
+  x, a, b, r = _problem(seed=3, lead=(2, 4), duplicates=True)
+  probe = jnp.asarray(np.random.default_rng(9).normal(size=(2, 4, F)), jnp.float32)
+  scale = jnp.asarray(np.linspace(0.3, 1.7, E), jnp.float32)
+
+  def loss(runner, x, a, b, w):
+    return jnp.sum(probe * runner(x, a, b, rt.Routing(r.indices, w), scale))
+
+  oracle = functools.partial(rt.routed_lora, backend="oracle")
+  backend = lambda *args: _run(name, *args)
+  args = (jnp.asarray(x), jnp.asarray(a), jnp.asarray(b), r.weights)
+  want = jax.grad(functools.partial(loss, oracle), argnums=(0, 1, 2, 3))(*args)
+  got = jax.grad(functools.partial(loss, backend), argnums=(0, 1, 2, 3))(*args)
+  for g_name, g, w in zip(("x", "lora_a", "lora_b", "weights"), got, want):
+    assert np.abs(np.asarray(w)).sum() > 0, g_name
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5,
+                               err_msg=g_name)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_jit(name):
+  x, a, b, r = _problem(seed=4)
+  backend, kw = VARIANTS[name]
+  fn = jax.jit(functools.partial(rt.routed_lora, backend=backend, **kw))
+  got = fn(x, a, b, r, jnp.asarray(0.7))
+  want = rt.routed_lora(x, a, b, r, 0.7, backend="oracle")
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["oracle", "dense", "gather", "sorted"])
+def test_single_expert_is_plain_lora(backend):
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(2, 3, D)).astype(np.float32)
+  a = rng.normal(size=(1, D, R)).astype(np.float32)
+  b = rng.normal(size=(1, R, F)).astype(np.float32)
+  r = rt.one_hot_routing(0, (2, 3))
+  got = rt.routed_lora(x, a, b, r, 0.25, backend=backend)
+  np.testing.assert_allclose(np.asarray(got), x @ a[0] @ b[0] * 0.25, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_compute_dtype():
+  x, a, b, r = _problem(seed=6)
+  xb = jnp.asarray(x, jnp.bfloat16)
+  want = rt.routed_lora(x, a, b, r, 1.0, backend="oracle")
+  for backend in ("oracle", "dense", "gather", "sorted"):
+    got = rt.routed_lora(xb, a, b, r, 1.0, backend=backend)
+    assert got.dtype == jnp.bfloat16, backend
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), rtol=0.1,
+                               atol=0.3, err_msg=backend)
+
+
+def test_auto_picks_a_valid_backend():
+  for shape in [(1, 13, 5, 3, 2), (4096, 1024, 500, 16, 2), (4096, 4096, 8, 16, 2),
+                (4096, 1024, 500, 16, 2)]:
+    for platform in ("cpu", "gpu", "tpu"):
+      assert rt.choose_backend(*shape, platform=platform) in ("dense", "gather", "sorted")
+  assert rt.choose_backend(1, 1024, 500, 16, 2, platform="gpu") == "gather"
+  assert rt.choose_backend(4096, 4096, 8, 16, 2, platform="gpu") == "dense"
+  assert rt.choose_backend(4096, 1024, 500, 16, 2, platform="gpu") == "sorted"
+
+
+def test_uniform_routing_equals_average_of_experts():
+  x, a, b, _ = _problem(seed=7)
+  got = rt.routed_lora(x, a, b, rt.uniform_routing((T,), E), 1.0, backend="sorted")
+  want = np.mean([x @ a[e] @ b[e] for e in range(E)], axis=0)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_raise_clear_errors():
+  x, a, b, r = _problem(seed=8)
+  with pytest.raises(rt.RoutingError, match="backend"):
+    rt.routed_lora(x, a, b, r, 1.0, backend="fast")
+  with pytest.raises(rt.RoutingError, match="scale"):
+    rt.routed_lora(x, a, b, r, jnp.ones((E + 1,)), backend="dense")
+  with pytest.raises(rt.RoutingError, match="lora_b"):
+    rt.routed_lora(x, a, b[:, :-1], r, 1.0)
+  with pytest.raises(rt.RoutingError, match="x last dim"):
+    rt.routed_lora(x[:, :-1], a, b, r, 1.0)
+  with pytest.raises(rt.RoutingError, match="routing.indices leading dims"):
+    rt.routed_lora(x[:-1], a, b, r, 1.0)
+  with pytest.raises(rt.RoutingError, match="routing.weights shape"):
+    rt.routed_lora(x, a, b, rt.Routing(r.indices, r.weights[:, :1]), 1.0)
+  with pytest.raises(rt.RoutingError, match="integer"):
+    rt.routed_lora(x, a, b, rt.Routing(r.weights, r.weights), 1.0)
+  with pytest.raises(rt.RoutingError, match="takes no options"):
+    rt.routed_lora(x, a, b, r, 1.0, backend="dense", block_rows=4)
+  assert set(bk.BACKENDS) == {"auto", "oracle", "dense", "gather", "sorted"}
+
+
+@pytest.fixture
+def enable_x64():
+  previous = jax.config.jax_enable_x64
+  jax.config.update("jax_enable_x64", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_x64", previous)
+
+
+@pytest.mark.parametrize("name", ["dense", "gather", "sorted_blocked", "sorted_ragged"])
+def test_float64_matches_numpy_tightly(enable_x64, name):
+  x, a, b, r = _problem(seed=10, lead=(2, 3), dtype=np.float64, duplicates=True)
+  assert r.weights.dtype == jnp.float64
+  scale = np.linspace(0.5, 1.5, E)
+  got = _run(name, jnp.asarray(x), jnp.asarray(a), jnp.asarray(b), r, jnp.asarray(scale))
+  assert got.dtype == jnp.float64
+  np.testing.assert_allclose(np.asarray(got), _numpy_reference(x, a, b, r, scale), rtol=1e-10,
+                             atol=1e-10)
