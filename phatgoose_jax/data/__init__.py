@@ -9,6 +9,9 @@ Submodules (one concept each):
   synthetic      offline synthetic expert / held-out tasks for the demo
   registry       `MIXTURE_OR_TASK_MODULE` import and task lookup
   pipeline       t5x-layout numpy batches (seqio or pure python), resume state
+  p3_tasks, t0_tasks, flan_tasks, bigbench_tasks
+                 seqio registrations of the paper's task families (see docs/datasets.md)
+  rouge          dependency-free ROUGE-1/2/L for generative BIG-bench tasks
 
 Attributes are loaded lazily so `import phatgoose_jax.data` does not import
 TensorFlow; `sources` and the seqio functions import it when first used.
@@ -44,7 +47,8 @@ _EXPORTS = {
     "DataIterator": "pipeline",
 }
 _SUBMODULES = ("vocab", "sources", "preprocessors", "synthetic", "registry",
-               "pipeline", "catalog")
+               "pipeline", "catalog", "p3_tasks", "t0_tasks", "flan_tasks", "bigbench_tasks",
+               "rouge")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 

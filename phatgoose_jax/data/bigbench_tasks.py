@@ -117,8 +117,8 @@ class BigBenchReader:
       files = sorted({f for p in pats for f in glob.glob(p)})
       if not files:
         raise BigBenchDataError(f"{where}: no file {pats[0]} (split part {part!r})")
-      yield from (sources._read_jsonl(files) if self.source == "jsonl"  # pylint: disable=protected-access
-                  else sources._read_parquet(files))  # pylint: disable=protected-access
+      yield from (sources.read_jsonl_rows(files) if self.source == "jsonl"
+                  else sources.read_parquet_rows(files))
 
   def rows(self) -> Iterator[dict[str, Any]]:
     for i, row in enumerate(self._raw()):

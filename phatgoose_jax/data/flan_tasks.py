@@ -119,8 +119,8 @@ class FlanRowReader:
     files = sorted(glob.glob(pattern))
     if not files:
       raise FlanDataError(f"{where}: no file matches {pattern!r}")
-    yield from (sources._read_jsonl(files) if self.source == "jsonl"  # pylint: disable=protected-access
-                else sources._read_parquet(files))  # pylint: disable=protected-access
+    yield from (sources.read_jsonl_rows(files) if self.source == "jsonl"
+                else sources.read_parquet_rows(files))
 
   def rows(self, split: str) -> list[dict[str, str]]:
     if not self.task_names and not self.trust_files:

@@ -216,8 +216,8 @@ class P3Reader:
     else:
       from phatgoose_jax.data import sources  # pylint: disable=g-import-not-at-top
       files = self._require_files(config, split)
-      it = (sources._read_jsonl(files) if self.kind == "jsonl"  # pylint: disable=protected-access
-            else sources._read_parquet(files))  # pylint: disable=protected-access
+      it = (sources.read_jsonl_rows(files) if self.kind == "jsonl"
+            else sources.read_parquet_rows(files))
     for row in it:
       yield _normalize_row(row, score_eval, where)
 

@@ -151,7 +151,7 @@ class PythonRowsDataSource(seqio.FunctionDataSource):
     return tf.data.Dataset.from_generator(gen, output_signature=signature)
 
 
-def _read_jsonl(files: Sequence[str]) -> Iterator[dict[str, Any]]:
+def read_jsonl_rows(files: Sequence[str]) -> Iterator[dict[str, Any]]:
   for path in files:
     with open(path, "r", encoding="utf-8") as f:
       for n, line in enumerate(f, 1):
@@ -166,7 +166,7 @@ def _read_jsonl(files: Sequence[str]) -> Iterator[dict[str, Any]]:
         yield row
 
 
-def _read_parquet(files: Sequence[str]) -> Iterator[dict[str, Any]]:
+def read_parquet_rows(files: Sequence[str]) -> Iterator[dict[str, Any]]:
   try:
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
   except ImportError as e:
@@ -189,7 +189,7 @@ class JsonlDataSource(PythonRowsDataSource):
                features: Optional[Mapping[str, str]] = None):
     self.split_to_filepattern = dict(split_to_filepattern)
     super().__init__(
-        lambda s: _read_jsonl(_expand(s, self.split_to_filepattern[s])),
+        lambda s: read_jsonl_rows(_expand(s, self.split_to_filepattern[s])),
         splits=list(self.split_to_filepattern), features=features, name="jsonl")
 
 
@@ -201,7 +201,7 @@ class ParquetDataSource(PythonRowsDataSource):
                features: Optional[Mapping[str, str]] = None):
     self.split_to_filepattern = dict(split_to_filepattern)
     super().__init__(
-        lambda s: _read_parquet(_expand(s, self.split_to_filepattern[s])),
+        lambda s: read_parquet_rows(_expand(s, self.split_to_filepattern[s])),
         splits=list(self.split_to_filepattern), features=features,
         name="parquet")
 
