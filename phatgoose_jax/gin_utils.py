@@ -1,0 +1,112 @@
+"""Gin flag parsing shared by the entry points (t5x conventions, one-line errors).
+
+Accepted flags (t5x's spelling):
+  --gin_file=PATH             repeatable; resolved against ``--gin_search_paths`` (default: the
+                              repository's ``gin/`` folder), so ``runs/train_expert.gin`` works;
+  --gin.NAME=VALUE            one binding, e.g. ``--gin.MODEL_DIR="'/tmp/run'"`` or
+                              ``--gin.train.batch_size=32`` (the value is a gin/Python literal);
+  --gin_bindings=BINDING      repeatable, a full binding string;
+  --gin_search_paths=A,B      comma-separated folders searched for gin files and includes.
+
+Gin files may declare required macros with ``NAME = %gin.REQUIRED``; `parse_gin` reports the first
+one left unset as ``required gin macro NAME is not set``. Every configuration problem raises
+`GinConfigError` (a ValueError) with a one-line message; `run_main` prints it and exits with 2.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import gin
+
+REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+
+
+class GinConfigError(ValueError):
+  """A gin file, binding or required macro problem (one line, names the culprit)."""
+
+
+def one_line(error: BaseException) -> str:
+  """Collapses a (multi-line) gin error message to one line."""
+  parts = [p.strip() for p in str(error).strip().strip('"').splitlines() if p.strip()]
+  return " | ".join(parts) if parts else type(error).__name__
+
+
+def split_flags(argv: Sequence[str]) -> Tuple[List[str], List[str], List[str], List[str]]:
+  """argv -> (gin files, gin bindings, search paths, remaining args)."""
+  files, bindings, paths, rest = [], [], [], []
+  args = list(argv)
+  i = 0
+  while i < len(args):
+    arg = args[i]
+    if arg.startswith("--") and "=" not in arg and i + 1 < len(args) and (
+        arg in ("--gin_file", "--gin_bindings", "--gin_search_paths") or arg.startswith("--gin.")):
+      arg = f"{arg}={args[i + 1]}"
+      i += 1
+    i += 1
+    if arg.startswith("--gin_file="):
+      files.append(arg.split("=", 1)[1])
+    elif arg.startswith("--gin_bindings="):
+      bindings.append(arg.split("=", 1)[1])
+    elif arg.startswith("--gin_search_paths="):
+      paths.extend(p for p in arg.split("=", 1)[1].split(",") if p)
+    elif arg.startswith("--gin."):
+      name, sep, value = arg[len("--gin."):].partition("=")
+      if not sep or not name:
+        raise GinConfigError(f"flag {arg!r} must look like --gin.NAME=VALUE")
+      bindings.append(f"{name}={value}")
+    else:
+      rest.append(arg)
+  return files, bindings, paths, rest
+
+
+def required_macros_unset() -> List[str]:
+  """Names of macros still bound to ``%gin.REQUIRED`` in the parsed config."""
+  missing = []
+  for (scope, selector), values in gin.config._CONFIG.items():  # pylint: disable=protected-access
+    if selector == "gin.macro" and repr(values.get("value")) == "%gin.REQUIRED":
+      missing.append(scope)
+  return sorted(missing)
+
+
+def parse_gin(gin_files: Sequence[str], bindings: Sequence[str] = (),
+              search_paths: Sequence[str] = (), finalize: bool = True) -> None:
+  """Parses gin files then bindings (bindings override), checking required macros.
+
+  Raises:
+    GinConfigError: unreadable/unknown file, unknown configurable or parameter, syntax error,
+      or a required macro left unset (its name in the message).
+  """
+  for path in list(search_paths) + [REPO_GIN_DIR, os.getcwd()]:
+    if os.path.isdir(path) and path not in gin.config._LOCATION_PREFIXES:  # pylint: disable=protected-access
+      gin.add_config_file_search_path(path)
+  if not gin_files:
+    raise GinConfigError("no --gin_file given (e.g. --gin_file=runs/train_expert.gin)")
+  try:
+    gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=False)
+  except (IOError, OSError) as e:
+    raise GinConfigError(f"gin file not found: {one_line(e)}") from None
+  except (ValueError, SyntaxError, TypeError, KeyError) as e:
+    raise GinConfigError(one_line(e)) from None
+  missing = required_macros_unset()
+  if missing:
+    raise GinConfigError(f"required gin macro {missing[0]} is not set (pass "
+                         f"--gin.{missing[0]}=...)" + (f"; also unset: {', '.join(missing[1:])}"
+                                                       if len(missing) > 1 else ""))
+  if finalize:
+    gin.finalize()
+
+
+def run_main(main_fn: Callable[[List[str]], int], argv: Optional[Sequence[str]] = None) -> None:
+  """Calls ``main_fn(argv)``; configuration errors become one stderr line and exit code 2."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  try:
+    code = main_fn(argv)
+  except GinConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except ValueError as e:  # Our configuration checks (ValueError subclasses) name the culprit.
+    print(f"error: {type(e).__name__}: {one_line(e)}", file=sys.stderr)
+    sys.exit(2)
+  sys.exit(code or 0)

@@ -1,0 +1,185 @@
+"""Entry point: ``python -m phatgoose_jax.train --gin_file=runs/train_expert.gin --gin.MODEL_DIR=...``.
+
+Trains one PHATGOOSE stage on a frozen T5 loaded from ``INITIAL_CHECKPOINT_PATH``
+(`phatgoose_jax.checkpoints.load_checkpoint`: T5X, HF or ours):
+  * ``mode='lora'``: a LoRA expert (only ``lora_a``/``lora_b`` train) on MIXTURE_OR_TASK_NAME, or one
+    LoRA on a union mixture (``runs/multitask.gin``);
+  * ``mode='gated_lora'``: PHATGOOSE gate training (Muqeeth et al. 2024, Sec. 3): the expert's LoRA
+    is loaded from ``expert_path`` (an expert run's MODEL_DIR, its ``export/`` or a
+    ``lora.safetensors``) and frozen; only the per-site ``gate`` vectors train (100 steps, same
+    optimiser settings).
+At the end (and whenever validation improves) the best adapters are exported to
+``MODEL_DIR/export/`` (see `phatgoose_jax.training.state`). t5x macro names are used in the gin
+files: MODEL_DIR, MIXTURE_OR_TASK_NAME, MIXTURE_OR_TASK_MODULE, TASK_FEATURE_LENGTHS, BATCH_SIZE,
+TRAIN_STEPS, INITIAL_CHECKPOINT_PATH, VOCABULARY.
+
+Exit codes: 0 done; 2 configuration error (one line on stderr); 1 non-finite loss; 128+signal when
+stopped by SIGTERM/SIGINT after saving a checkpoint.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from typing import Any, Mapping, Optional
+
+import gin
+import jax
+import numpy as np
+
+from phatgoose_jax import adapters as adapters_lib
+from phatgoose_jax import checkpoints
+from phatgoose_jax import gin_utils
+from phatgoose_jax import training
+# Imported before gin parsing so that their configurables (get_vocabulary, ...) are registered.
+from phatgoose_jax.data import pipeline, registry, synthetic, vocab  # noqa: F401
+from phatgoose_jax.models.config import T5Config
+from phatgoose_jax.training import state as state_lib
+
+MODES = ("lora", "gated_lora")
+
+
+def _load_expert_into(adapters: Mapping[str, Any], expert_path: str) -> tuple:
+  """Overwrites the lora_a / lora_b leaves of ``adapters`` with an exported expert's."""
+  loaded, meta = state_lib.load_exported_adapters(expert_path)
+  flat, src = state_lib.flatten(adapters), state_lib.flatten(loaded)
+  for key, value in flat.items():
+    if key.rsplit("/", 1)[1] not in ("lora_a", "lora_b"):
+      continue
+    if key not in src:
+      raise ValueError(f"expert_path {expert_path}: no {key!r} in the exported expert")
+    if tuple(src[key].shape) != tuple(value.shape):
+      raise ValueError(f"expert_path {expert_path}: {key} has shape {tuple(src[key].shape)}, "
+                       f"the model expects {tuple(value.shape)} (rank / site_pattern mismatch?)")
+    flat[key] = np.asarray(src[key], dtype=np.asarray(value).dtype)
+  return state_lib.unflatten(flat), meta
+
+
+@gin.configurable(module="phatgoose_jax.train")
+def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRED,
+          initial_checkpoint_path: str = gin.REQUIRED,
+          task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+          batch_size: int = gin.REQUIRED, train_steps: int = gin.REQUIRED,
+          mode: str = "lora", model_config: Optional[T5Config] = None,
+          adapter_config: Optional[adapters_lib.AdapterConfig] = None,
+          expert_path: Optional[str] = None, mixture_or_task_module: Optional[str] = None,
+          vocabulary: Any = None, register_synthetic: bool = False,
+          learning_rate: float = 5e-3, num_microbatches: int = 1,
+          eval_split: Optional[str] = "validation", eval_every: Optional[int] = 100,
+          checkpoint_every: Optional[int] = 100, log_every: int = 10,
+          best_metric: str = "loss", best_mode: str = "min", seed: int = 42, data_seed: int = 0,
+          num_partitions: int = 1, base_dtype: Optional[str] = None,
+          dropout_rate: Optional[float] = None) -> training.FitResult:
+  """Builds model, data and trainer from gin and runs `Trainer.fit` (see the module docstring).
+
+  Args (beyond the t5x macros):
+    mode: 'lora' (expert / multitask) or 'gated_lora' (gate training).
+    model_config: forces the architecture; None reads it from the checkpoint.
+    adapter_config: AdapterConfig; its ``mode`` is replaced by ``mode``.
+    expert_path: the expert to gate (gate training only).
+    learning_rate: peak lr (the rest of the optimiser: gin ``adamw_optimizer.*``).
+    num_microbatches: gradient accumulation (BATCH_SIZE is the effective batch).
+    eval_split: validation split (None: no validation; the final adapters are exported).
+    base_dtype: store the frozen base in this dtype (e.g. 'bfloat16', as the official recipe).
+    dropout_rate: overrides the config's dropout.
+  """
+  if mode not in MODES:
+    raise ValueError(f"train.mode must be one of {MODES}, got {mode!r}")
+  if mode == "gated_lora" and not expert_path:
+    raise ValueError("train.expert_path is required for gate training (mode='gated_lora')")
+  if batch_size % jax.process_count():
+    raise ValueError(f"BATCH_SIZE={batch_size} must be divisible by the number of hosts "
+                     f"({jax.process_count()})")
+  registry.import_task_module(mixture_or_task_module)
+  if register_synthetic:
+    if vocabulary is None:
+      raise ValueError("train.register_synthetic needs VOCABULARY")
+    synthetic.register_synthetic_tasks(vocabulary)
+
+  overrides = {} if dropout_rate is None else {"dropout_rate": dropout_rate}
+  config, params = checkpoints.load_checkpoint(initial_checkpoint_path, model_config,
+                                               overrides or None)
+  if overrides and model_config is not None:
+    config = config.replace(**overrides)
+  fingerprint = checkpoints.params_fingerprint(params)
+  acfg = adapter_config or adapters_lib.AdapterConfig()
+  acfg = adapters_lib.AdapterConfig(**{**acfg.__dict__, "mode": mode})
+  model = adapters_lib.build_model(config, acfg)
+  shapes = jax.eval_shape(functools.partial(adapters_lib.init_variables, model),
+                          jax.random.key(seed))
+  adapter_vars = jax.jit(lambda r: adapters_lib.init_variables(model, r)["adapters"])(
+      jax.random.key(seed))
+  adapter_vars = jax.device_get(adapter_vars)
+  expert_meta = {}
+  if mode == "gated_lora":
+    adapter_vars, expert_meta = _load_expert_into(adapter_vars, expert_path)
+  variables = {"params": params, "params_axes": shapes["params_axes"],
+               "adapters": adapter_vars, "adapters_axes": shapes["adapters_axes"]}
+  mask = adapters_lib.trainable_mask(adapter_vars, "lora" if mode == "lora" else "gate")
+
+  schedule = training.warmup_constant_schedule(learning_rate, train_steps)
+  tx = training.adamw_optimizer(learning_rate=learning_rate, total_steps=train_steps)
+  mesh = training.create_mesh(num_partitions)
+  rules = training.logical_axis_rules()
+  trainer = training.Trainer(model, mask, tx, mesh, rules, num_microbatches=num_microbatches,
+                             base_dtype=base_dtype, learning_rate_fn=schedule)
+  state = trainer.create_state(variables, seed=seed)
+
+  shard_id, num_shards = training.host_data_shard()
+  per_host = batch_size // num_shards
+  train_iter = pipeline.get_dataset(mixture_or_task_name, task_feature_lengths, "train",
+                                    per_host, shuffle=True, seed=data_seed, shard_id=shard_id,
+                                    num_shards=num_shards)
+  eval_iter_fn = None
+  if eval_split:
+    provider = registry.get_task_or_mixture(mixture_or_task_name)
+    if eval_split in provider.splits:
+      eval_iter_fn = lambda: pipeline.get_dataset(  # pylint: disable=g-long-lambda
+          mixture_or_task_name, task_feature_lengths, eval_split, per_host, shuffle=False,
+          seed=0, num_epochs=1, shard_id=shard_id, num_shards=num_shards)
+    else:
+      logging.warning("%s has no %r split: no validation, the final adapters are exported",
+                      mixture_or_task_name, eval_split)
+  export_meta = {
+      "task": mixture_or_task_name, "mode": mode, "rank": acfg.rank,
+      "scale": acfg.scale if acfg.scale is not None else 1.0 / acfg.rank,
+      "site_pattern": acfg.site_pattern, "initial_checkpoint_path": initial_checkpoint_path,
+      "model_config": config.to_dict(), "train_steps": train_steps, "batch_size": batch_size,
+      "expert_path": expert_path, "expert_task": expert_meta.get("task"),
+  }
+  return trainer.fit(state, train_iter, train_steps, model_dir=model_dir,
+                     eval_iter_fn=eval_iter_fn, eval_every=eval_every,
+                     checkpoint_every=checkpoint_every, log_every=log_every,
+                     best_metric=best_metric, best_mode=best_mode, base_fingerprint=fingerprint,
+                     export_metadata=export_meta)
+
+
+def main(argv) -> int:
+  files, bindings, paths, rest = gin_utils.split_flags(argv)
+  multihost = None
+  for arg in rest:
+    if arg in ("--multihost", "--multihost=true"):
+      multihost = True
+    elif arg == "--multihost=false":
+      multihost = False
+    else:
+      raise gin_utils.GinConfigError(f"unknown flag {arg!r} (expected --gin_file, --gin.NAME=VALUE, "
+                                     "--gin_bindings, --gin_search_paths, --multihost)")
+  training.maybe_initialize_distributed(multihost)
+  gin_utils.parse_gin(files, bindings, paths)
+  try:
+    result = train()  # pylint: disable=no-value-for-parameter
+  except RuntimeError as e:
+    if "Required bindings" in str(e):
+      raise gin_utils.GinConfigError(gin_utils.one_line(e)) from None
+    raise
+  except training.NonFiniteError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  if result.interrupted is not None:
+    return 128 + int(result.interrupted)
+  return 0
+
+
+if __name__ == "__main__":
+  gin_utils.run_main(main)
