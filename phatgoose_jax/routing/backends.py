@@ -42,7 +42,6 @@ Scale = Union[float, jax.Array]
 # Heuristic thresholds for choose_backend (see its docstring).
 _GATHER_MAX_ASSIGNMENTS = 128
 _DENSE_MIN_COLUMNS = 256
-_SORTED_BLOCK_ROWS = 128
 
 
 def choose_backend(num_tokens: int, dim_in: int, num_experts: int, rank: int, top_k: int,
@@ -127,61 +126,90 @@ def _gather(x, a, b, idx, w, scale):
   return jnp.einsum("tkf,tk->tf", y, coef)
 
 
-def _grouped_blocked(xs, a, b, sorted_ids, group_sizes, block_rows):
-  """Grouped ``xs[i] @ a[g(i)] @ b[g(i)]`` for rows sorted by group, without ragged_dot.
+def sorted_block_rows(num_assignments: int, num_experts: int) -> int:
+  """S for the block-padded ``sorted`` fallback: a power of two near the mean rows per expert.
+
+  Every expert's segment is padded to a multiple of S and the static block count is
+  ``ceil(N/S) + min(E, N)``, so the rows computed are at most ``N + E*S``: small S wastes
+  fewer rows, large S gives the batched matmul bigger (more efficient) blocks. Measured on CPU
+  (scripts/bench_routing.py) the best S is about the mean segment length ``N/E``, clipped to
+  [16, 128].
+  """
+  mean = max(1, num_assignments // max(1, num_experts))
+  return int(min(128, max(16, 1 << (mean.bit_length() - 1))))
+
+
+def _grouped_blocked(x, a, b, idx, coef, block_rows):
+  """Grouped LoRA for assignments sorted by expert, in fixed-size blocks, without ragged_dot.
+
+  Scatter-free: each padded slot *gathers* its source token (XLA:CPU scatters are an
+  element-wise loop, far slower than a row gather), the per-assignment coefficient multiplies
+  the R-wide hidden ``h`` (not the F-wide output), and the K outputs of each token are gathered
+  back from the padded layout and summed. Padded slots read some valid token and are never read
+  back, so they cost flops but do not change values or gradients.
 
   Args:
-    xs: [N, D] rows sorted by group id.
+    x: [T, D].
     a: [E, D, R].
     b: [E, R, F].
-    sorted_ids: [N] non-decreasing group id of each row.
-    group_sizes: [E] rows per group (sums to N).
+    idx: [T, K] expert ids.
+    coef: [T, K] per-assignment coefficient in ``x.dtype``.
     block_rows: S, static.
 
   Returns:
-    [N, F].
+    [T, F].
   """
-  n, d = xs.shape
-  e = a.shape[0]
+  t, k = idx.shape
+  e, d, _ = a.shape
+  n = t * k
   s = block_rows
   num_blocks = -(-n // s) + min(e, n)  # G, static upper bound on padded blocks
+  flat_ids = idx.reshape(n)  # [N]
+  order = jnp.argsort(flat_ids, stable=True).astype(jnp.int32)  # [N] sorted pos -> assignment
+  group_sizes = jnp.bincount(flat_ids, length=e).astype(jnp.int32)  # [E]
+  start = jnp.cumsum(group_sizes) - group_sizes  # [E] first sorted position of each expert
   padded = ((group_sizes + s - 1) // s) * s  # [E]
   padded_end = jnp.cumsum(padded)  # [E]
   padded_start = padded_end - padded
-  start = jnp.cumsum(group_sizes) - group_sizes  # [E]
-  row = jnp.arange(n, dtype=group_sizes.dtype)
-  dest = padded_start[sorted_ids] + (row - start[sorted_ids])  # [N] slot in padded layout
-  x_pad = jnp.zeros((num_blocks * s, d), xs.dtype).at[dest].set(xs)  # [G*S, D]
-  block_start = jnp.arange(num_blocks, dtype=padded_end.dtype) * s
-  block_expert = jnp.minimum(jnp.searchsorted(padded_end, block_start, side="right"), e - 1)
-  a_blk = jnp.take(a, block_expert, axis=0)  # [G, D, R]
-  b_blk = jnp.take(b, block_expert, axis=0)  # [G, R, F]
-  h = jnp.einsum("gsd,gdr->gsr", x_pad.reshape(num_blocks, s, d), a_blk)  # [G, S, R]
-  y = jnp.einsum("gsr,grf->gsf", h, b_blk).reshape(num_blocks * s, -1)  # [G*S, F]
-  return y[dest]
+  block_start = jnp.arange(num_blocks, dtype=jnp.int32) * s  # [G]
+  block_expert = jnp.minimum(jnp.searchsorted(padded_end, block_start, side="right"),
+                             e - 1).astype(jnp.int32)  # [G]
+  slot_expert = jnp.repeat(block_expert, s, total_repeat_length=num_blocks * s)  # [G*S]
+  offset = jnp.arange(num_blocks * s, dtype=jnp.int32) - padded_start[slot_expert]
+  src_sorted = jnp.clip(start[slot_expert] + offset, 0, n - 1)  # [G*S]
+  src = order[src_sorted]  # [G*S] assignment read by each slot (padding: any valid one)
+  x_pad = jnp.take(x, src // k, axis=0).reshape(num_blocks, s, d)  # [G, S, D]
+  c_pad = jnp.take(coef.reshape(n), src).reshape(num_blocks, s, 1)  # [G, S, 1]
+  h = jnp.einsum("gsd,gdr->gsr", x_pad, jnp.take(a, block_expert, axis=0)) * c_pad  # [G, S, R]
+  y_pad = jnp.einsum("gsr,grf->gsf", h, jnp.take(b, block_expert, axis=0))  # [G, S, F]
+  y_pad = y_pad.reshape(num_blocks * s, -1)  # [G*S, F]
+  # Slot of each assignment: its rank within its expert, offset by the expert's padded start.
+  sorted_pos = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))  # [N]
+  dest = padded_start[flat_ids] + sorted_pos - start[flat_ids]  # [N]
+  return jnp.take(y_pad, dest, axis=0).reshape(t, k, -1).sum(axis=1)  # [T, F]
 
 
-def _sorted(x, a, b, idx, w, scale, use_ragged_dot=None, block_rows=_SORTED_BLOCK_ROWS):
+def _sorted(x, a, b, idx, w, scale, use_ragged_dot=None, block_rows=None):
   t, k = idx.shape
   e = a.shape[0]
   n = t * k
   if use_ragged_dot is None:
     use_ragged_dot = jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
+  coef = _coefficients(idx, w, scale, x.dtype)  # [T, K]
+  if not use_ragged_dot:
+    s = sorted_block_rows(n, e) if block_rows is None else int(block_rows)
+    return _grouped_blocked(x, a, b, idx, coef, max(1, min(s, n)))
   flat_ids = idx.reshape(n)  # [N]
   order = jnp.argsort(flat_ids, stable=True)  # [N]
-  sorted_ids = flat_ids[order]
   token_of = order // k  # [N] source token of each sorted assignment
   xs = jnp.take(x, token_of, axis=0)  # [N, D]
   group_sizes = jnp.bincount(flat_ids, length=e).astype(jnp.int32)  # [E]
-  if use_ragged_dot:
-    h = jax.lax.ragged_dot(xs, a, group_sizes)  # [N, R]
-    ys = jax.lax.ragged_dot(h, b, group_sizes)  # [N, F]
-  else:
-    ys = _grouped_blocked(xs, a, b, sorted_ids, group_sizes, max(1, min(block_rows, n)))
+  h = jax.lax.ragged_dot(xs, a, group_sizes)  # [N, R]
+  h = h * jnp.take(coef.reshape(n), order)[:, None]  # [N, R] coefficient on the narrow side
+  ys = jax.lax.ragged_dot(h, b, group_sizes)  # [N, F]
   inverse = jnp.argsort(order)  # [N] unsort permutation
   y = jnp.take(ys, inverse, axis=0).reshape(t, k, -1)  # [T, K, F]
-  coef = _coefficients(idx, w, scale, x.dtype)  # [T, K]
-  return jnp.einsum("tkf,tk->tf", y, coef)
+  return jnp.sum(y, axis=1)
 
 
 _IMPLS = {"oracle": _oracle, "dense": _dense, "gather": _gather, "sorted": _sorted}
