@@ -1,0 +1,215 @@
+"""Evaluation entry point: ``python -m phatgoose_jax.eval --gin_file=... [--gin.MACRO=value]``.
+
+Gin-driven like t5x's ``eval.py``. Gin files are applied in order, so pass a model preset first, then
+``runs/eval.gin``, then a router (``routers/phatgoose.gin``, ...), then overrides::
+
+  python -m phatgoose_jax.eval --gin_file=models/t5_1_1_lm100k_xl.gin --gin_file=runs/eval.gin \\
+    --gin_file=routers/phatgoose.gin --gin.MIXTURE_OR_TASK_NAME='"t0_heldout"' \\
+    --gin.LIBRARY_PATH='"/data/library"' --gin.EVAL_OUTPUT_DIR='"/tmp/eval"'
+
+Steps: import ``MIXTURE_OR_TASK_MODULE``; load the base checkpoint (`phatgoose_jax.load_checkpoint`,
+any supported format); with ``LIBRARY_PATH``, stack the library's experts (router vectors of the
+kind the router file names) into a routed model built from the gin-bound ``AdapterConfig``; run
+``seqio.Evaluator`` on every sub-task (`evaluation.run_seqio_evaluation`); write ``results.json`` /
+``report.md`` (plus routing statistics and a heatmap when ``ROUTING_TRACE_EXAMPLES`` > 0) to
+``EVAL_OUTPUT_DIR``. Errors are one line on stderr with exit status 2.
+
+No tensors here, so no einsum letters are used.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+import gin
+
+from phatgoose_jax.adapters import AdapterConfig, build_model
+from phatgoose_jax.models.config import T5Config
+
+GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+TRACED_ROUTERS = ("phatgoose", "average_activation", "arrow", "arrow_phatgoose")
+
+
+class EvalConfigError(ValueError):
+  """A gin-configured evaluation argument is missing or invalid."""
+
+
+def _require(value: Any, macro: str) -> Any:
+  if value is gin.REQUIRED or value is None or value == "":
+    raise EvalConfigError(f"{macro} is not set (e.g. --gin.{macro}=...)")
+  return value
+
+
+def _adapters(library_path: Optional[str], experts: Optional[Sequence[str]],
+              vectors: Optional[str]):
+  """(AdapterConfig, adapters tree, expert names) for a library, or mode 'none' without one.
+
+  The routed config is the gin-bound ``AdapterConfig`` (router files) with ``num_experts`` = E.
+  """
+  if not library_path:
+    return AdapterConfig(mode="none"), {}, []
+  from phatgoose_jax.library import ExpertLibrary, to_adapters_tree  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(library_path):
+    raise EvalConfigError(f"LIBRARY_PATH {library_path!r} is not a directory")
+  lib = ExpertLibrary.open(library_path)
+  names = list(experts) if experts else lib.names()
+  stacked = lib.stack(names, vectors=vectors)
+  cfg = AdapterConfig(mode="routed", num_experts=len(names))
+  return cfg, to_adapters_tree(stacked), names
+
+
+def _routing_report(model_config: T5Config, adapter_config: AdapterConfig, variables: dict,
+                    task_name: str, lengths: dict, split: str, num: int, out_dir: str,
+                    expert_names: Sequence[str]) -> dict:
+  """Routing statistics + heatmap on the first ``num`` examples of ``task_name``."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from phatgoose_jax.data import pipeline, registry  # pylint: disable=g-import-not-at-top
+  from phatgoose_jax.evaluation import report  # pylint: disable=g-import-not-at-top
+  batch = next(iter(pipeline.get_dataset(task_name, lengths, split, batch_size=num, shuffle=False,
+                                         num_epochs=1, drop_remainder=False)))
+  tracing = build_model(model_config, dataclasses.replace(adapter_config, trace=True))
+  trace = report.collect_routing_trace(tracing, variables, batch)
+  stats = report.routing_statistics(trace, adapter_config.num_experts,
+                                    encoder_mask=batch["encoder_input_tokens"] > 0,
+                                    decoder_mask=batch["decoder_target_tokens"] > 0)
+  provider = registry.get_task_or_mixture(task_name)
+  vocab = provider.output_features["inputs"].vocabulary
+  ids = [int(t) for t in np.asarray(batch["encoder_input_tokens"][0]) if t > 0]
+  tokens = [vocab.decode([t]) if t != 1 else "</s>" for t in ids]
+  report.plot_routing_heatmap(trace, tokens, os.path.join(out_dir, "routing_heatmap.png"),
+                              num_experts=adapter_config.num_experts, expert_names=expert_names,
+                              title=f"{task_name}: top-1 expert per token")
+  return stats
+
+
+@gin.configurable(module="phatgoose_jax.eval")
+def evaluate(mixture_or_task_name: str = gin.REQUIRED,
+             task_feature_lengths: dict = gin.REQUIRED,
+             initial_checkpoint_path: str = gin.REQUIRED,
+             eval_output_dir: str = gin.REQUIRED,
+             library_path: Optional[str] = None,
+             experts: Optional[Sequence[str]] = None,
+             router_vectors: Optional[str] = "gate",
+             method_name: str = "model",
+             task_module: Optional[Any] = None,
+             split: str = "validation",
+             batch_size: int = 32,
+             num_examples: Optional[int] = None,
+             length_normalize: bool = True,
+             t5_config: Optional[T5Config] = None,
+             routing_trace_examples: int = 0) -> dict:
+  """Evaluates a base model or a routed expert library on a seqio task/mixture.
+
+  Args:
+    mixture_or_task_name: MIXTURE_OR_TASK_NAME.
+    task_feature_lengths: TASK_FEATURE_LENGTHS, {'inputs': L, 'targets': T}.
+    initial_checkpoint_path: INITIAL_CHECKPOINT_PATH (T5X legacy/Orbax, HF, or ours).
+    eval_output_dir: EVAL_OUTPUT_DIR for results.json / report.md / routing_heatmap.png.
+    library_path: LIBRARY_PATH of an expert library; None evaluates the base model.
+    experts: subset of library experts (E order); None = all.
+    router_vectors: the library vector kind used as router vectors (set by the router gin file).
+    method_name: the method's row label in the report.
+    task_module: MIXTURE_OR_TASK_MODULE, imported first.
+    split: eval split.
+    batch_size: rows per call.
+    num_examples: optional cap of examples per task.
+    length_normalize: rank-classification score = mean (True) or summed log-likelihood.
+    t5_config: model config to check the checkpoint against (default: the checkpoint's).
+    routing_trace_examples: > 0 writes routing statistics and a heatmap from that many examples of
+      the first task (top-k routers only).
+
+  Returns:
+    {task: metrics}.
+  """
+  from phatgoose_jax import load_checkpoint  # pylint: disable=g-import-not-at-top
+  from phatgoose_jax.data import registry  # pylint: disable=g-import-not-at-top
+  from phatgoose_jax.evaluation import evaluator, report  # pylint: disable=g-import-not-at-top
+  name = _require(mixture_or_task_name, "MIXTURE_OR_TASK_NAME")
+  lengths = _require(task_feature_lengths, "TASK_FEATURE_LENGTHS")
+  if not isinstance(lengths, dict) or set(lengths) != {"inputs", "targets"}:
+    raise EvalConfigError(f"TASK_FEATURE_LENGTHS must be {{'inputs': L, 'targets': T}}, got "
+                          f"{lengths!r}")
+  ckpt = _require(initial_checkpoint_path, "INITIAL_CHECKPOINT_PATH")
+  out_dir = _require(eval_output_dir, "EVAL_OUTPUT_DIR")
+  registry.import_task_module(task_module)
+  provider = registry.get_task_or_mixture(name)
+  config, params = load_checkpoint(ckpt, t5_config)
+  adapter_config, adapters, expert_names = _adapters(library_path, experts, router_vectors)
+  model = build_model(config, adapter_config)
+  variables = {"params": params, "adapters": adapters}
+  metrics = evaluator.run_seqio_evaluation(name, model, variables, task_feature_lengths=lengths,
+                                           split=split, batch_size=batch_size,
+                                           num_examples=num_examples,
+                                           length_normalize=length_normalize)
+  rows = []
+  for task, values in metrics.items():
+    numeric = {k: v for k, v in values.items() if isinstance(v, float)}
+    if not numeric:
+      continue
+    key = "accuracy" if "accuracy" in numeric else sorted(numeric)[0]
+    rows.append({"method": method_name, "task": task, "score": numeric[key], "metric": key,
+                 "metrics": numeric})
+  stats = None
+  if routing_trace_examples > 0 and adapter_config.mode == "routed" and (
+      adapter_config.router in TRACED_ROUTERS):
+    first = [t.name for t in getattr(provider, "tasks", [provider])][0]
+    stats = _routing_report(
+        config, adapter_config, variables, first, dict(lengths), split, routing_trace_examples,
+        out_dir, expert_names)
+  if rows:
+    report.write_report(out_dir, rows, routing_stats=stats, expert_names=expert_names or None,
+                        title=f"{method_name} on {name} ({split})",
+                        extra={"mixture_or_task_name": name, "checkpoint": ckpt,
+                               "library_path": library_path, "router": adapter_config.router
+                               if adapter_config.mode == "routed" else None})
+  return metrics
+
+
+def parse_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """(gin files, gin bindings) from ``--gin_file``, ``--gin_bindings`` and ``--gin.NAME=VALUE``."""
+  parser = argparse.ArgumentParser(prog="python -m phatgoose_jax.eval", add_help=True)
+  parser.add_argument("--gin_file", action="append", default=[])
+  parser.add_argument("--gin_bindings", action="append", default=[])
+  parser.add_argument("--gin_search_paths", action="append", default=[])
+  args, rest = parser.parse_known_args(list(argv))
+  bindings = list(args.gin_bindings)
+  for arg in rest:
+    if arg.startswith("--gin.") and "=" in arg:
+      bindings.append(arg[len("--gin."):])
+    else:
+      raise EvalConfigError(f"unknown flag {arg!r} (use --gin_file, --gin_bindings, --gin.X=Y)")
+  for path in [GIN_DIR, os.getcwd()] + list(args.gin_search_paths):
+    gin.add_config_file_search_path(path)
+  if not args.gin_file:
+    raise EvalConfigError("no --gin_file given (e.g. --gin_file=runs/eval.gin)")
+  files = []
+  for f in args.gin_file:  # resolve against the search paths ourselves (gin logs misses loudly)
+    found = next((os.path.join(d, f) for d in [""] + list(args.gin_search_paths) + [GIN_DIR]
+                  if os.path.isfile(os.path.join(d, f))), None)
+    if found is None:
+      raise EvalConfigError(f"--gin_file {f!r} not found (looked in ., {GIN_DIR} and "
+                            "--gin_search_paths)")
+    files.append(found)
+  return files, bindings
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  try:
+    files, bindings = parse_flags(argv)
+    gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
+    metrics = evaluate()
+  except Exception as e:  # one line, no traceback  # pylint: disable=broad-except
+    msg = " ".join(str(e).split()) or type(e).__name__
+    print(f"phatgoose_jax.eval: error: {type(e).__name__}: {msg}", file=sys.stderr)
+    return 2
+  for task, values in metrics.items():
+    print(f"{task}: {values}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

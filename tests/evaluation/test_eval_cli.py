@@ -1,0 +1,56 @@
+"""gin/runs/eval.gin and the router files parse; the entry point fails with one-line errors."""
+import pathlib
+
+import gin
+import pytest
+
+from phatgoose_jax import eval as eval_lib
+from phatgoose_jax.adapters import AdapterConfig
+
+GIN_DIR = pathlib.Path(__file__).parent.parent.parent / "gin"
+ROUTERS = ["phatgoose", "arrow", "average_activation", "uniform_merge", "single_expert"]
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_eval_gin_parses_with_router(router):
+  gin.clear_config()
+  try:
+    gin.add_config_file_search_path(str(GIN_DIR))
+    gin.parse_config_files_and_bindings(
+        [str(GIN_DIR / "models" / "tiny.gin"), str(GIN_DIR / "runs" / "eval.gin"),
+         str(GIN_DIR / "routers" / f"{router}.gin")],
+        ["INITIAL_CHECKPOINT_PATH = '/ckpt'", "MIXTURE_OR_TASK_NAME = 'mix'",
+         "EVAL_OUTPUT_DIR = '/out'", "EXPERT_NAME = 'e0'"], finalize_config=True)
+    q = lambda p: gin.query_parameter(f"phatgoose_jax.eval.evaluate.{p}")
+    assert str(q("task_feature_lengths")) == "%TASK_FEATURE_LENGTHS"
+    assert gin.query_parameter("%TASK_FEATURE_LENGTHS") == {"inputs": 512, "targets": 128}
+    assert gin.query_parameter("%INITIAL_CHECKPOINT_PATH") == "/ckpt"
+    assert q("method_name") == router
+    cfg = AdapterConfig(num_experts=5)  # as eval.py builds it from the library
+    assert cfg.mode == "routed"
+    want = {"phatgoose": "phatgoose", "arrow": "arrow", "average_activation": "average_activation",
+            "uniform_merge": "uniform", "single_expert": "uniform"}[router]
+    assert cfg.router == want
+  finally:
+    gin.clear_config()
+
+
+def test_missing_required_macro_is_one_line_exit_2(capsys):
+  gin.clear_config()
+  try:
+    code = eval_lib.main(["--gin_file=models/tiny.gin", "--gin_file=runs/eval.gin",
+                          "--gin.INITIAL_CHECKPOINT_PATH='/nonexistent'",
+                          "--gin.EVAL_OUTPUT_DIR='/tmp/x'"])
+  finally:
+    gin.clear_config()
+  err = capsys.readouterr().err
+  assert code == 2
+  assert err.count("\n") == 1 and "Traceback" not in err
+  assert "MIXTURE_OR_TASK_NAME" in err
+
+
+def test_unknown_flag_and_no_gin_file(capsys):
+  assert eval_lib.main(["--bogus=1", "--gin_file=runs/eval.gin"]) == 2
+  assert "unknown flag '--bogus=1'" in capsys.readouterr().err
+  assert eval_lib.main([]) == 2
+  assert "no --gin_file" in capsys.readouterr().err
