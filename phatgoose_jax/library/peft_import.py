@@ -34,6 +34,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
+from phatgoose_jax.checkpoints import hf as hf_checkpoint
 from phatgoose_jax.library import format as fmt
 from phatgoose_jax.library.format import LibraryError
 
@@ -41,38 +42,23 @@ CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 BIN_FILE = "adapter_model.bin"
 
-_ATTENTION = {"q": "query", "k": "key", "v": "value", "o": "out"}
-# (stack, sub-layer index) -> (HF module class attribute, t5x module name).
-_SUBLAYERS = {
-    ("encoder", "0"): ("SelfAttention", "attention"),
-    ("encoder", "1"): ("DenseReluDense", "mlp"),
-    ("decoder", "0"): ("SelfAttention", "self_attention"),
-    ("decoder", "1"): ("EncDecAttention", "encoder_decoder_attention"),
-    ("decoder", "2"): ("DenseReluDense", "mlp"),
-}
-_MODULE_RE = re.compile(
-    r"^(encoder|decoder)\.block\.(\d+)\.layer\.(\d+)\."
-    r"(SelfAttention|EncDecAttention|DenseReluDense)"
-    r"\.(q|k|v|o|wi|wi_\d+|wo)$")
 _KEY_RE = re.compile(r"^(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.([^.]+))?\.weight$")
+# The HF module class each t5x sub-layer must carry (a SelfAttention under decoder layer.1 is not a
+# cross-attention site); the name mapping itself is the checkpoint reader's.
+_SITE_CLASS = {"attention": "SelfAttention", "self_attention": "SelfAttention",
+               "encoder_decoder_attention": "EncDecAttention", "mlp": "DenseReluDense"}
 
 
 def hf_module_to_site(module: str) -> Optional[str]:
   """HF T5 module name (``encoder.block.0.layer.0.SelfAttention.q``) -> t5x site, or None."""
-  m = _MODULE_RE.match(module)
-  if m is None:
+  path, _ = hf_checkpoint.hf_name_to_t5x(module + ".weight")
+  if path is None or not path.endswith("/kernel") or "/layers_" not in path:
     return None
-  stack, block, sub, cls, leaf = m.groups()
-  if (stack, sub) not in _SUBLAYERS or _SUBLAYERS[(stack, sub)][0] != cls:
+  site = path[: -len("/kernel")]
+  parts = module.split(".")
+  if len(parts) != 7 or _SITE_CLASS.get(site.split("/")[2]) != parts[5]:
     return None
-  module_name = _SUBLAYERS[(stack, sub)][1]
-  if module_name == "mlp":
-    if leaf in _ATTENTION:
-      return None
-    return f"{stack}/layers_{block}/mlp/{leaf}"
-  if leaf not in _ATTENTION:
-    return None
-  return f"{stack}/layers_{block}/{module_name}/{_ATTENTION[leaf]}"
+  return site
 
 
 def _site_order(site: str) -> Tuple[int, int, int, int, int]:

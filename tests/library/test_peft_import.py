@@ -130,3 +130,15 @@ def test_unknown_module_and_bin_refused(adapters_dir, tmp_path):
   os.remove(dst / "adapter_config.json")
   with pytest.raises(LibraryError, match="adapter_config.json is missing"):
     import_peft_adapter(str(dst))
+
+
+def test_hf_module_to_site_checks_module_class():
+  from phatgoose_jax.library import hf_module_to_site
+  assert hf_module_to_site("decoder.block.2.layer.1.EncDecAttention.v") == (
+      "decoder/layers_2/encoder_decoder_attention/value")
+  assert hf_module_to_site("encoder.block.1.layer.1.DenseReluDense.wi_1") == "encoder/layers_1/mlp/wi_1"
+  # A self-attention module where the cross-attention sub-layer sits is not a site.
+  assert hf_module_to_site("decoder.block.1.layer.1.SelfAttention.q") is None
+  assert hf_module_to_site("encoder.block.0.layer.1.DenseReluDense.q") is None
+  assert hf_module_to_site("encoder.block.0.layer.0.SelfAttention.relative_attention_bias") is None
+  assert hf_module_to_site("lm_head") is None
