@@ -31,6 +31,17 @@ def _dropout(cfg: T5Config):
   return nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))
 
 
+def _norm(cfg: T5Config, name: str) -> layers.RMSNorm:
+  return layers.RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, cfg.params_dtype, name=name)
+
+
+def _attention(cfg: T5Config, site_factory: layers.SiteFactory,
+               name: str) -> attn.MultiHeadAttention:
+  return attn.MultiHeadAttention(cfg.num_heads, cfg.head_dim, site_factory, cfg.compute_dtype,
+                                 cfg.params_dtype, cfg.dropout_rate,
+                                 cfg.float32_attention_logits, name=name)
+
+
 class MlpBlock(nn.Module):
   """Gated FFN: wo( prod_i act_i(x @ wi_i) ); every kernel is a site."""
   config: T5Config
@@ -72,17 +83,13 @@ class EncoderLayer(nn.Module):
     cfg = self.config
     length = x.shape[-2]
     bias = self.relative_embedding(length, length, True)  # [1, H, L, L]
-    norm = lambda name: layers.RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype,
-                                       cfg.params_dtype, name=name)
     with jax.named_scope("self_attention"):
-      h = norm("pre_attention_layer_norm")(x)
-      h = attn.MultiHeadAttention(
-          cfg.num_heads, cfg.head_dim, self.site_factory, cfg.compute_dtype, cfg.params_dtype,
-          cfg.dropout_rate, cfg.float32_attention_logits, name="attention")(
-              h, h, encoder_mask, bias, enable_dropout=enable_dropout, site_inputs=site_inputs)
+      h = _norm(cfg, "pre_attention_layer_norm")(x)
+      h = _attention(cfg, self.site_factory, "attention")(
+          h, h, encoder_mask, bias, enable_dropout=enable_dropout, site_inputs=site_inputs)
       x = x + _dropout(cfg)(h, deterministic=not enable_dropout)
     with jax.named_scope("mlp"):
-      h = norm("pre_mlp_layer_norm")(x)
+      h = _norm(cfg, "pre_mlp_layer_norm")(x)
       h = MlpBlock(cfg, self.site_factory, name="mlp")(
           h, enable_dropout=enable_dropout, site_inputs=site_inputs)
       x = x + _dropout(cfg)(h, deterministic=not enable_dropout)
@@ -100,24 +107,20 @@ class DecoderLayer(nn.Module):
     cfg = self.config
     length = max_decode_length if decode and max_decode_length else x.shape[-2]
     bias = self.relative_embedding(length, length, False)  # [1, H, T, T]
-    norm = lambda name: layers.RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype,
-                                       cfg.params_dtype, name=name)
-    mha = lambda name: attn.MultiHeadAttention(
-        cfg.num_heads, cfg.head_dim, self.site_factory, cfg.compute_dtype, cfg.params_dtype,
-        cfg.dropout_rate, cfg.float32_attention_logits, name=name)
     with jax.named_scope("self_attention"):
-      h = norm("pre_self_attention_layer_norm")(x)
-      h = mha("self_attention")(h, h, decoder_mask, bias, enable_dropout=enable_dropout,
-                                decode=decode, site_inputs=site_inputs)
+      h = _norm(cfg, "pre_self_attention_layer_norm")(x)
+      h = _attention(cfg, self.site_factory, "self_attention")(
+          h, h, decoder_mask, bias, enable_dropout=enable_dropout, decode=decode,
+          site_inputs=site_inputs)
       x = x + _dropout(cfg)(h, deterministic=not enable_dropout)
     with jax.named_scope("cross_attention"):
-      h = norm("pre_cross_attention_layer_norm")(x)
-      h = mha("encoder_decoder_attention")(h, encoded, encoder_decoder_mask, None,
-                                           enable_dropout=enable_dropout, decode=decode,
-                                           cross=True, site_inputs=site_inputs)
+      h = _norm(cfg, "pre_cross_attention_layer_norm")(x)
+      h = _attention(cfg, self.site_factory, "encoder_decoder_attention")(
+          h, encoded, encoder_decoder_mask, None, enable_dropout=enable_dropout, decode=decode,
+          cross=True, site_inputs=site_inputs)
       x = x + _dropout(cfg)(h, deterministic=not enable_dropout)
     with jax.named_scope("mlp"):
-      h = norm("pre_mlp_layer_norm")(x)
+      h = _norm(cfg, "pre_mlp_layer_norm")(x)
       h = MlpBlock(cfg, self.site_factory, name="mlp")(
           h, enable_dropout=enable_dropout, site_inputs=site_inputs)
       x = x + _dropout(cfg)(h, deterministic=not enable_dropout)
@@ -146,8 +149,7 @@ class Encoder(nn.Module):
       with jax.named_scope(f"encoder_layer_{i}"):
         x = EncoderLayer(cfg, rel_emb, self.site_factory, name=f"layers_{i}")(
             x, encoder_mask, enable_dropout=enable_dropout, site_inputs=site_inputs)
-    x = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, cfg.params_dtype,
-                       name="encoder_norm")(x)
+    x = _norm(cfg, "encoder_norm")(x)
     return _dropout(cfg)(x, deterministic=not enable_dropout)
 
 
@@ -169,8 +171,7 @@ class Decoder(nn.Module):
         y = DecoderLayer(cfg, rel_emb, self.site_factory, name=f"layers_{i}")(
             y, encoded, decoder_mask, encoder_decoder_mask, enable_dropout=enable_dropout,
             decode=decode, max_decode_length=max_decode_length, site_inputs=site_inputs)
-    y = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, cfg.params_dtype,
-                       name="decoder_norm")(y)
+    y = _norm(cfg, "decoder_norm")(y)
     y = _dropout(cfg)(y, deterministic=not enable_dropout)
     with jax.named_scope("logits"):
       if cfg.logits_via_embedding:
