@@ -1,0 +1,249 @@
+"""The ``phatgoose-jax`` console script.
+
+Subcommands:
+  demo         the embedded CPU demo (`phatgoose_jax.demo`): ``--output_dir``, ``--seed``, ``--quick``;
+               ``--gin_file=runs/demo.gin`` / ``--gin.DemoConfig.FIELD=VALUE`` override its sizes;
+  train-expert `phatgoose_jax.train` with ``--gin_file=runs/train_expert.gin`` first, then every other
+               flag passed through (``--gin_file``, ``--gin.NAME=VALUE``, ``--gin_bindings``, ...);
+  train-gate   the same with ``runs/train_gate.gin``;
+  library      the expert library: ``create``, ``add`` (a training run's export or ``--peft`` a HF PEFT
+               adapter folder), ``list``, ``remove``, ``info``;
+  eval         `phatgoose_jax.eval` (flags passed through) when that module is present.
+
+Errors are one line on stderr, ``phatgoose-jax: error: ...`` naming the culprit, exit status 2, no
+traceback (``--debug`` before the subcommand re-raises instead). Unknown subcommands, missing
+arguments and bad values get the same treatment.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, List, Optional, Sequence
+
+PROG = "phatgoose-jax"
+EXIT_USAGE = 2
+
+
+class CliError(ValueError):
+  """A command-line problem (one line, names the culprit)."""
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse with one-line errors (no usage dump) raised as `CliError`."""
+
+  def error(self, message: str):  # pylint: disable=arguments-differ
+    where = self.prog[len(PROG):].strip()  # e.g. 'library add' for a subcommand's parser
+    raise CliError(f"{where}: {message}" if where else message)
+
+
+def _one_line(error: BaseException) -> str:
+  text = " | ".join(p.strip() for p in str(error).strip().splitlines() if p.strip())
+  return text or type(error).__name__
+
+
+# ------------------------------------------------------------------------------------------------
+# library
+# ------------------------------------------------------------------------------------------------
+def _require_path(path: str, what: str, kind: str = "dir") -> str:
+  if not os.path.exists(path):
+    raise CliError(f"{what} {path} does not exist")
+  if kind == "dir" and not os.path.isdir(path):
+    raise CliError(f"{what} {path} is not a directory")
+  return path
+
+
+def _library_create(args) -> int:
+  from phatgoose_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from phatgoose_jax.library import ExpertLibrary  # pylint: disable=g-import-not-at-top
+  _require_path(args.base, "--base checkpoint", kind="any")
+  config, params = checkpoints.load_checkpoint(args.base)
+  lib = ExpertLibrary.create(args.path, checkpoints.params_fingerprint(params), config,
+                             rank=args.rank)
+  print(f"created expert library {lib.path} (base {lib.base_fingerprint})")
+  return 0
+
+
+def _library_add(args) -> int:
+  from phatgoose_jax.library import ExpertLibrary, add_peft_adapter, lora_from_adapters_tree  # pylint: disable=g-import-not-at-top
+  from phatgoose_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  lib = ExpertLibrary.open(_require_path(args.path, "expert library"))
+  if (args.peft is None) == (args.source is None):
+    raise CliError("library add: give exactly one of SOURCE (a training run or its export/) "
+                   "and --peft ADAPTER_DIR")
+  if args.peft is not None:
+    _require_path(args.peft, "--peft adapter folder")
+    add_peft_adapter(lib, args.name, args.peft, task=args.task, overwrite=args.overwrite)
+  else:
+    _require_path(args.source, "SOURCE", kind="any")
+    tree, meta = state_lib.load_exported_adapters(args.source)
+    lora, gates = lora_from_adapters_tree(tree)
+    if not lora:
+      raise CliError(f"library add: {args.source} holds no lora_a/lora_b adapters")
+    if "scale" not in meta:
+      raise CliError(f"library add: {args.source} has no metadata.json field 'scale'")
+    lib.add(args.name, lora, meta["scale"], task=args.task or meta.get("task"), gates=gates,
+            base_fingerprint=meta.get("base_fingerprint"), overwrite=args.overwrite,
+            provenance={"source": os.path.abspath(args.source), "import_kind": "training_export",
+                        "mode": meta.get("mode"), "step": meta.get("step")})
+  entry = lib.metadata(args.name)
+  print(f"added {args.name} to {lib.path}: rank {entry['rank']}, scale {entry['scale']:g}, "
+        f"{len(entry['sites'])} sites, vectors {entry['vectors'] or 'none'}")
+  return 0
+
+
+def _library_list(args) -> int:
+  from phatgoose_jax.library import ExpertLibrary  # pylint: disable=g-import-not-at-top
+  lib = ExpertLibrary.open(_require_path(args.path, "expert library"))
+  if args.json:
+    print(json.dumps([lib.metadata(n) | {"name": n} for n in lib.names()], indent=2,
+                     default=str))
+    return 0
+  print(f"{lib.path}: {len(lib)} experts (base {lib.base_fingerprint})")
+  for name in lib.names():
+    m = lib.metadata(name)
+    print(f"  {name}\ttask={m.get('task')}\trank={m['rank']}\tscale={m['scale']:g}\t"
+          f"vectors={','.join(m['vectors']) or '-'}")
+  return 0
+
+
+def _library_remove(args) -> int:
+  from phatgoose_jax.library import ExpertLibrary  # pylint: disable=g-import-not-at-top
+  lib = ExpertLibrary.open(_require_path(args.path, "expert library"))
+  lib.remove(args.name)
+  print(f"removed {args.name} from {lib.path}")
+  return 0
+
+
+def _library_info(args) -> int:
+  from phatgoose_jax.library import ExpertLibrary  # pylint: disable=g-import-not-at-top
+  lib = ExpertLibrary.open(_require_path(args.path, "expert library"))
+  if args.name:
+    info: Any = lib.metadata(args.name)
+  else:
+    info = {"path": lib.path, "base_fingerprint": lib.base_fingerprint,
+            "t5_config": lib.t5_config.to_dict(), "rank": lib.rank, "sites": lib.sites,
+            "experts": lib.names()}
+    if args.check:
+      info["problems"] = lib.check()
+  print(json.dumps(info, indent=2, default=str))
+  return 1 if args.check and info.get("problems") else 0
+
+
+# ------------------------------------------------------------------------------------------------
+# delegation
+# ------------------------------------------------------------------------------------------------
+def _train(gin_file: str, passthrough: Sequence[str]) -> int:
+  from phatgoose_jax import train  # pylint: disable=g-import-not-at-top
+  return train.main([f"--gin_file={gin_file}"] + list(passthrough))
+
+
+def _eval(passthrough: Sequence[str]) -> int:
+  import importlib  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  if importlib.util.find_spec("phatgoose_jax.eval") is None:
+    raise CliError("eval: phatgoose_jax.eval is not available in this installation")
+  module = importlib.import_module("phatgoose_jax.eval")
+  return int(module.main(list(passthrough)) or 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# parser
+# ------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+  from phatgoose_jax import demo  # pylint: disable=g-import-not-at-top
+  parser = _Parser(prog=PROG, description="PHATGOOSE in JAX: demo, training, expert library.")
+  parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+  sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+  sub.required = True
+
+  p = sub.add_parser("demo", help="the embedded CPU demo (pretrain, experts, gates, evaluation)")
+  demo.add_arguments(p)
+
+  for name, gin_file in (("train-expert", "runs/train_expert.gin"),
+                         ("train-gate", "runs/train_gate.gin")):
+    p = sub.add_parser(name, help=f"phatgoose_jax.train with {gin_file} (gin flags pass through)",
+                       add_help=False)
+    p.set_defaults(gin_file=gin_file)
+  sub.add_parser("eval", help="phatgoose_jax.eval (flags pass through)", add_help=False)
+
+  lib = sub.add_parser("library", help="manage an expert library")
+  acts = lib.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+  acts.required = True
+  p = acts.add_parser("create", help="create an empty library for a base checkpoint")
+  p.add_argument("path", help="library folder to create")
+  p.add_argument("--base", required=True, help="base checkpoint (ours, HF or T5X)")
+  p.add_argument("--rank", type=int, default=None, help="pin every expert's rank")
+  p.set_defaults(func=_library_create)
+  p = acts.add_parser("add", help="add an expert from a training run or a PEFT adapter")
+  p.add_argument("path", help="library folder")
+  p.add_argument("name", help="expert name")
+  p.add_argument("source", nargs="?", default=None,
+                 help="training run MODEL_DIR, its export/ or a lora.safetensors")
+  p.add_argument("--peft", default=None, help="HF PEFT LoRA adapter folder instead of SOURCE")
+  p.add_argument("--task", default=None, help="task name recorded with the expert")
+  p.add_argument("--overwrite", action="store_true", help="replace an expert of that name")
+  p.set_defaults(func=_library_add)
+  p = acts.add_parser("list", help="list the experts")
+  p.add_argument("path", help="library folder")
+  p.add_argument("--json", action="store_true", help="print the entries' metadata as JSON")
+  p.set_defaults(func=_library_list)
+  p = acts.add_parser("remove", help="remove an expert")
+  p.add_argument("path", help="library folder")
+  p.add_argument("name", help="expert name")
+  p.set_defaults(func=_library_remove)
+  p = acts.add_parser("info", help="library (or one expert's) metadata as JSON")
+  p.add_argument("path", help="library folder")
+  p.add_argument("name", nargs="?", default=None, help="an expert (default: the library)")
+  p.add_argument("--check", action="store_true", help="verify every entry (exit 1 on problems)")
+  p.set_defaults(func=_library_info)
+  return parser
+
+
+def run(argv: Sequence[str]) -> int:
+  """Parses ``argv`` and runs the subcommand (errors propagate)."""
+  parser = build_parser()
+  args, rest = parser.parse_known_args(list(argv))
+  if args.command in ("train-expert", "train-gate"):
+    return _train(args.gin_file, rest)
+  if args.command == "eval":
+    return _eval(rest)
+  if args.command == "demo":
+    from phatgoose_jax import demo  # pylint: disable=g-import-not-at-top
+    from phatgoose_jax import gin_utils  # pylint: disable=g-import-not-at-top
+    bad = gin_utils.split_flags(rest)[3]
+    if bad:
+      raise CliError(f"demo: unrecognized arguments: {' '.join(bad)}")
+    return demo.run_from_args(args, rest)
+  if rest:
+    raise CliError(f"{args.command}: unrecognized arguments: {' '.join(rest)}")
+  return args.func(args)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Entry point: one-line errors with exit status 2 (``--debug`` shows the traceback)."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  debug = "--debug" in argv[:1] or os.environ.get("PHATGOOSE_JAX_DEBUG") == "1"
+  try:
+    import gin  # pylint: disable=g-import-not-at-top
+    gin_errors: tuple = (getattr(gin.config, "ParseError", ValueError),)
+  except ImportError:  # pragma: no cover
+    gin_errors = ()
+  try:
+    code = run(argv)
+  except KeyboardInterrupt:
+    print(f"{PROG}: interrupted", file=sys.stderr)
+    return 130
+  except (ValueError, OSError, KeyError, *gin_errors) as e:
+    if debug:
+      raise
+    print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+    return EXIT_USAGE
+  except SystemExit as e:  # train.main / gin_utils.run_main style exits.
+    return int(e.code or 0) if isinstance(e.code, (int, type(None))) else EXIT_USAGE
+  return int(code or 0)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
