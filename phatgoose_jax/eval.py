@@ -44,17 +44,29 @@ def _require(value: Any, macro: str) -> Any:
 
 
 def _adapters(library_path: Optional[str], experts: Optional[Sequence[str]],
-              vectors: Optional[str]):
+              vectors: Optional[str], config: Optional[T5Config] = None,
+              params: Optional[dict] = None):
   """(AdapterConfig, adapters tree, expert names) for a library, or mode 'none' without one.
 
   The routed config is the gin-bound ``AdapterConfig`` (router files) with ``num_experts`` = E.
+  With ``params`` / ``config`` (the loaded base model), a library built for another base model
+  (fingerprint) or architecture (site dims) is refused, naming the field.
   """
   if not library_path:
     return AdapterConfig(mode="none"), {}, []
-  from phatgoose_jax.library import ExpertLibrary, to_adapters_tree  # pylint: disable=g-import-not-at-top
+  from phatgoose_jax.library import ExpertLibrary, LibraryError, site_shapes, to_adapters_tree  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(library_path):
     raise EvalConfigError(f"LIBRARY_PATH {library_path!r} is not a directory")
   lib = ExpertLibrary.open(library_path)
+  if config is not None and site_shapes(lib.t5_config) != site_shapes(config):
+    raise LibraryError(f"library {library_path}: field 't5_config' gives LoRA site dims that "
+                       "differ from the model of INITIAL_CHECKPOINT_PATH")
+  if params is not None:
+    from phatgoose_jax.checkpoints import params_fingerprint  # pylint: disable=g-import-not-at-top
+    fingerprint = params_fingerprint(params)
+    if fingerprint != lib.base_fingerprint:
+      raise LibraryError(f"library {library_path}: field 'base_fingerprint' is "
+                         f"{lib.base_fingerprint}, but INITIAL_CHECKPOINT_PATH has {fingerprint}")
   names = list(experts) if experts else lib.names()
   stacked = lib.stack(names, vectors=vectors)
   cfg = AdapterConfig(mode="routed", num_experts=len(names))
@@ -134,10 +146,13 @@ def evaluate(mixture_or_task_name: str = gin.REQUIRED,
                           f"{lengths!r}")
   ckpt = _require(initial_checkpoint_path, "INITIAL_CHECKPOINT_PATH")
   out_dir = _require(eval_output_dir, "EVAL_OUTPUT_DIR")
+  from phatgoose_jax import errors  # pylint: disable=g-import-not-at-top
+  errors.quiet_tensorflow_import()
   registry.import_task_module(task_module)
   provider = registry.get_task_or_mixture(name)
   config, params = load_checkpoint(ckpt, t5_config)
-  adapter_config, adapters, expert_names = _adapters(library_path, experts, router_vectors)
+  adapter_config, adapters, expert_names = _adapters(library_path, experts, router_vectors,
+                                                     config, params)
   model = build_model(config, adapter_config)
   variables = {"params": params, "adapters": adapters}
   metrics = evaluator.run_seqio_evaluation(name, model, variables, task_feature_lengths=lengths,
@@ -203,7 +218,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
     metrics = evaluate()
   except Exception as e:  # one line, no traceback  # pylint: disable=broad-except
-    msg = " ".join(str(e).split()) or type(e).__name__
+    from phatgoose_jax.errors import clean_message  # pylint: disable=g-import-not-at-top
+    msg = " ".join(clean_message(e).split())
     print(f"phatgoose_jax.eval: error: {type(e).__name__}: {msg}", file=sys.stderr)
     return 2
   for task, values in metrics.items():

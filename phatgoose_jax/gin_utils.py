@@ -14,6 +14,7 @@ one left unset as ``required gin macro NAME is not set``. Every configuration pr
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -28,9 +29,9 @@ class GinConfigError(ValueError):
 
 
 def one_line(error: BaseException) -> str:
-  """Collapses a (multi-line) gin error message to one line."""
-  parts = [p.strip() for p in str(error).strip().strip('"').splitlines() if p.strip()]
-  return " | ".join(parts) if parts else type(error).__name__
+  """Collapses a (multi-line) gin error message to one line (gin's call-site suffixes dropped)."""
+  from phatgoose_jax.errors import clean_message  # pylint: disable=g-import-not-at-top
+  return clean_message(error)
 
 
 def split_flags(argv: Sequence[str]) -> Tuple[List[str], List[str], List[str], List[str]]:
@@ -83,12 +84,18 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str] = (),
       gin.add_config_file_search_path(path)
   if not gin_files:
     raise GinConfigError("no --gin_file given (e.g. --gin_file=runs/train_expert.gin)")
+  # gin logs "Path not found" (level ERROR) for every search-path prefix it tries before the one
+  # that holds an included file; a missing file still raises below, so silence those logs.
+  previous = logging.root.manager.disable
+  logging.disable(logging.ERROR)
   try:
     gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=False)
   except (IOError, OSError) as e:
     raise GinConfigError(f"gin file not found: {one_line(e)}") from None
   except (ValueError, SyntaxError, TypeError, KeyError) as e:
     raise GinConfigError(one_line(e)) from None
+  finally:
+    logging.disable(previous)
   missing = required_macros_unset()
   if missing:
     raise GinConfigError(f"required gin macro {missing[0]} is not set (pass "

@@ -29,12 +29,14 @@ import numpy as np
 
 from phatgoose_jax import adapters as adapters_lib
 from phatgoose_jax import checkpoints
+from phatgoose_jax import errors
 from phatgoose_jax import gin_utils
 from phatgoose_jax import training
 # Imported before gin parsing so that their configurables (get_vocabulary, ...) are registered.
 from phatgoose_jax.data import pipeline, registry, synthetic, vocab  # noqa: F401
 from phatgoose_jax.models.config import T5Config
 from phatgoose_jax.training import state as state_lib
+from phatgoose_jax.training.logging import MetricsLogger
 
 MODES = ("lora", "gated_lora")
 
@@ -43,6 +45,10 @@ def _load_expert_into(adapters: Mapping[str, Any], expert_path: str) -> tuple:
   """Overwrites the lora_a / lora_b leaves of ``adapters`` with an exported expert's."""
   loaded, meta = state_lib.load_exported_adapters(expert_path)
   flat, src = state_lib.flatten(adapters), state_lib.flatten(loaded)
+  extra = sorted(k for k in src if k.rsplit("/", 1)[-1] in ("lora_a", "lora_b") and k not in flat)
+  if extra:
+    raise ValueError(f"expert_path {expert_path}: the expert has LoRA site(s) the model lacks, "
+                     f"e.g. {extra[0]!r} ({len(extra)} arrays; site_pattern mismatch?)")
   for key, value in flat.items():
     if key.rsplit("/", 1)[1] not in ("lora_a", "lora_b"):
       continue
@@ -53,6 +59,29 @@ def _load_expert_into(adapters: Mapping[str, Any], expert_path: str) -> tuple:
                        f"the model expects {tuple(value.shape)} (rank / site_pattern mismatch?)")
     flat[key] = np.asarray(src[key], dtype=np.asarray(value).dtype)
   return state_lib.unflatten(flat), meta
+
+
+def _check_arguments(task_feature_lengths: Any, batch_size: Any, train_steps: Any,
+                     learning_rate: Any, checkpoint_every: Any) -> None:
+  """Refuses bad TASK_FEATURE_LENGTHS / BATCH_SIZE / TRAIN_STEPS / LEARNING_RATE up front."""
+  if not isinstance(task_feature_lengths, Mapping) or set(task_feature_lengths) != {
+      "inputs", "targets"}:
+    raise ValueError(f"TASK_FEATURE_LENGTHS must be {{'inputs': L, 'targets': T}}, got "
+                     f"{task_feature_lengths!r}")
+  for key, value in task_feature_lengths.items():
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"TASK_FEATURE_LENGTHS[{key!r}] must be a positive int, got {value!r}")
+  for macro, value in (("BATCH_SIZE", batch_size), ("TRAIN_STEPS", train_steps)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"{macro} must be a positive int, got {value!r}")
+  if (isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or
+      not np.isfinite(learning_rate) or learning_rate <= 0):
+    raise ValueError(f"train.learning_rate (LEARNING_RATE) must be a finite positive number, "
+                     f"got {learning_rate!r}")
+  if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or
+                                       checkpoint_every < 1):
+    raise ValueError(f"train.checkpoint_every must be a positive int or None, got "
+                     f"{checkpoint_every!r}")
 
 
 @gin.configurable(module="phatgoose_jax.train")
@@ -69,7 +98,8 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
           checkpoint_every: Optional[int] = 100, log_every: int = 10,
           best_metric: str = "loss", best_mode: str = "min", seed: int = 42, data_seed: int = 0,
           num_partitions: int = 1, base_dtype: Optional[str] = None,
-          dropout_rate: Optional[float] = None) -> training.FitResult:
+          dropout_rate: Optional[float] = None,
+          data_stats_examples: Optional[int] = 10000) -> training.FitResult:
   """Builds model, data and trainer from gin and runs `Trainer.fit` (see the module docstring).
 
   Args (beyond the t5x macros):
@@ -82,19 +112,28 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
     eval_split: validation split (None: no validation; the final adapters are exported).
     base_dtype: store the frozen base in this dtype (e.g. 'bfloat16', as the official recipe).
     dropout_rate: overrides the config's dropout.
+    data_stats_examples: how many training examples `pipeline.data_statistics` reads to count
+      truncated inputs/targets and dropped empty examples (0: skip); the counts go to
+      MODEL_DIR/metrics.jsonl as a ``"split": "data"`` record and to the log.
   """
   if mode not in MODES:
     raise ValueError(f"train.mode must be one of {MODES}, got {mode!r}")
   if mode == "gated_lora" and not expert_path:
     raise ValueError("train.expert_path is required for gate training (mode='gated_lora')")
+  _check_arguments(task_feature_lengths, batch_size, train_steps, learning_rate,
+                   checkpoint_every)
   if batch_size % jax.process_count():
     raise ValueError(f"BATCH_SIZE={batch_size} must be divisible by the number of hosts "
                      f"({jax.process_count()})")
+  errors.quiet_tensorflow_import()
   registry.import_task_module(mixture_or_task_module)
   if register_synthetic:
     if vocabulary is None:
       raise ValueError("train.register_synthetic needs VOCABULARY")
     synthetic.register_synthetic_tasks(vocabulary)
+  registry.get_task_or_mixture(mixture_or_task_name)  # Unknown names fail before any model work.
+  if mode == "gated_lora":
+    state_lib.resolve_export(expert_path)  # A missing expert fails before loading the base.
 
   overrides = {} if dropout_rate is None else {"dropout_rate": dropout_rate}
   config, params = checkpoints.load_checkpoint(initial_checkpoint_path, model_config,
@@ -130,6 +169,13 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
   train_iter = pipeline.get_dataset(mixture_or_task_name, task_feature_lengths, "train",
                                     per_host, shuffle=True, seed=data_seed, shard_id=shard_id,
                                     num_shards=num_shards)
+  if data_stats_examples and jax.process_index() == 0:
+    stats = pipeline.data_statistics(mixture_or_task_name, task_feature_lengths, "train",
+                                     max_examples=data_stats_examples)
+    logging.info("data (first %d train examples): %s", data_stats_examples, stats)
+    data_log = MetricsLogger(model_dir, train_steps, tensorboard=False, progress=False)
+    data_log.write(0, "data", stats)
+    data_log.close()
   eval_iter_fn = None
   if eval_split:
     provider = registry.get_task_or_mixture(mixture_or_task_name)

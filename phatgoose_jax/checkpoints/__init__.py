@@ -105,8 +105,8 @@ def load_checkpoint(path: str,
     ``(config, params)``: params is a nested dict of numpy arrays of ``config.param_dtype``.
 
   Raises:
-    CheckpointError: the path is no checkpoint, or a parameter is missing, unexpected, or
-      shaped differently from the config (the message names the path and the parameter).
+    CheckpointError: the path is no checkpoint, or a parameter is missing, unexpected, shaped
+      differently from the config, or non-finite (the message names the path and the parameter).
   """
   if config is not None and not isinstance(config, T5Config):
     raise TypeError(f"config must be a T5Config or None, got {type(config).__name__}")
@@ -134,6 +134,10 @@ def load_checkpoint(path: str,
   check_param_shapes(shapes, config, str(path))
   dtype = np.dtype(config.params_dtype)
   flat = {k: np.array(v, dtype=dtype) for k, v in flat.items()}  # Owned, writable copies.
+  for name in sorted(flat):
+    if not np.all(np.isfinite(flat[name].astype(np.float32))):
+      raise CheckpointError(f"checkpoint {path}: parameter {name} contains non-finite values "
+                            "(NaN/inf); refusing to train or evaluate on it")
   return config, unflatten_params(flat)
 
 

@@ -149,6 +149,10 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
     else:
       raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype_name}")
     start, end = info["data_offsets"]
+    expected = int(np.prod(info["shape"], dtype=np.int64)) * dtype.itemsize
+    if end > len(body) or end - start != expected:
+      raise CheckpointError(f"{path}: tensor {name!r} needs bytes {start}..{end} of a "
+                            f"{len(body)}-byte data section (truncated or corrupted file)")
     array = np.frombuffer(body[start:end], dtype=dtype).reshape(info["shape"])
     tensors[name] = array.astype(array.dtype.newbyteorder("="), copy=True)
   return tensors
