@@ -53,7 +53,6 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import gin
 
-from phatgoose_jax.data import preprocessors as prep
 from phatgoose_jax.data.catalog import p3 as p3_catalog
 
 SOURCE_KINDS = ("tfrecord", "jsonl", "parquet", "hf")
@@ -303,10 +302,13 @@ def output_features(vocabulary):
 
 
 def text_preprocessors():
-  """filter blank rows, tokenize, trim keeping EOS (PHATGOOSE recipe)."""
+  """tokenize, trim keeping EOS (PHATGOOSE recipe).
+
+  Blank inputs/targets are not filtered here: `pipeline.get_dataset` drops every example whose
+  inputs or targets hold no token besides EOS, and `pipeline.data_statistics` counts them.
+  """
   import seqio  # pylint: disable=g-import-not-at-top
-  return [prep.filter_empty, seqio.preprocessors.tokenize,
-          seqio.preprocessors.append_eos_after_trim]
+  return [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim]
 
 
 def add_task(name: str, source, vocabulary, metric_fns=(), postprocess_fn=None,

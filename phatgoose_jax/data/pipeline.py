@@ -155,11 +155,14 @@ def get_dataset(mixture_or_task_name: str,
   lengths = {k: int(v) for k, v in task_feature_lengths.items()}
 
   def make():
-    ds = seqio.get_dataset(
-        provider, task_feature_lengths=lengths, feature_converter=converter,
-        dataset_split=split, shuffle=shuffle, num_epochs=num_epochs,
-        shard_info=seqio.ShardInfo(index=shard_id, num_shards=num_shards),
-        seed=seed, batch_size=None, verbose=False)
+    # seqio.get_dataset's steps, with examples whose inputs or targets hold no token besides EOS
+    # dropped before feature conversion (counted by `data_statistics`).
+    ds = provider.get_dataset(
+        sequence_length=lengths, split=split, use_cached=False, shuffle=shuffle,
+        num_epochs=num_epochs, shard_info=seqio.ShardInfo(index=shard_id, num_shards=num_shards),
+        seed=seed)
+    ds = ds.filter(_tf_non_empty)
+    ds = converter(ds, lengths)
     return ds.batch(batch_size, drop_remainder=drop_remainder)
 
   fingerprint = dict(name=mixture_or_task_name, split=split, lengths=lengths,
@@ -170,13 +173,22 @@ def get_dataset(mixture_or_task_name: str,
   return DataIterator(make, fingerprint)
 
 
-def count_truncated(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
+def _tf_non_empty(ex):
+  """True when both ``inputs`` and ``targets`` hold a real token (ids >= 2: not pad, not EOS)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.logical_and(tf.reduce_any(ex["inputs"] > 1), tf.reduce_any(ex["targets"] > 1))
+
+
+def data_statistics(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
                     split: str = "validation",
                     max_examples: Optional[int] = None) -> dict[str, int]:
-  """Counts examples whose tokens (with EOS) exceed the feature lengths.
+  """Counts what `get_dataset` truncates and drops, over (up to ``max_examples``) examples.
+
+  Truncation keeps the first L-1 tokens and EOS; an example whose inputs or targets have no token
+  besides EOS is dropped (never truncated). Counts are of tokenized examples with EOS.
 
   Returns:
-    {"num_examples": n, "inputs_truncated": ..., "targets_truncated": ...}.
+    {"num_examples": n, "inputs_truncated": ..., "targets_truncated": ..., "dropped_empty": ...}.
   """
   from phatgoose_jax.data import registry  # pylint: disable=g-import-not-at-top
   _check_lengths(task_feature_lengths)
@@ -184,12 +196,25 @@ def count_truncated(mixture_or_task_name: str, task_feature_lengths: Mapping[str
   ds = provider.get_dataset(None, split=split, shuffle=False, num_epochs=1)
   if max_examples is not None:
     ds = ds.take(max_examples)
-  counts = {"num_examples": 0, "inputs_truncated": 0, "targets_truncated": 0}
+  counts = {"num_examples": 0, "inputs_truncated": 0, "targets_truncated": 0,
+            "dropped_empty": 0}
   for ex in ds.as_numpy_iterator():
     counts["num_examples"] += 1
+    if not all(k in ex and (np.asarray(ex[k]) > 1).any() for k in ("inputs", "targets")):
+      counts["dropped_empty"] += 1
+      continue
     for k in ("inputs", "targets"):
-      if k in ex and len(ex[k]) > task_feature_lengths[k]:
+      if len(ex[k]) > task_feature_lengths[k]:
         counts[f"{k}_truncated"] += 1
+  return counts
+
+
+def count_truncated(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
+                    split: str = "validation",
+                    max_examples: Optional[int] = None) -> dict[str, int]:
+  """`data_statistics` without the empty count (examples, inputs/targets truncated)."""
+  counts = data_statistics(mixture_or_task_name, task_feature_lengths, split, max_examples)
+  counts.pop("dropped_empty")
   return counts
 
 

@@ -108,7 +108,7 @@ def register_t0_heldout_tasks(vocabulary=gin.REQUIRED, source: str = "tfrecord",
         task_name(spec.key, prefix), heldout_source(reader, spec), vocabulary,
         metric_fns=[prep.rank_classification_accuracy],
         postprocess_fn=prep.rank_classification_postprocessor,
-        preprocessors=p3_tasks.text_preprocessors()[1:]))  # Keep blank choices.
+        preprocessors=p3_tasks.text_preprocessors()))  # Blank choices are kept (no filtering).
   p3_tasks.add_mixture(mixture_name, names)
   return names + [mixture_name]
 

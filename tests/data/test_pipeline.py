@@ -189,3 +189,38 @@ def test_registry_errors(synthetic_tasks):
   assert registry.import_task_module(["json", "phatgoose_jax.data.synthetic"]) == [
       "json", "phatgoose_jax.data.synthetic"]
   assert registry.import_task_module(None) == []
+
+
+def test_empty_examples_are_dropped_and_counted(vocabulary):
+  """get_dataset drops rows whose inputs or targets have no token; data_statistics counts them."""
+  import seqio
+  rows = [("reverse red blue", "blue red"), ("", "red"), ("next cat", ""),
+          ("sort two one three five four", "one two three four five"), ("skip fig", "fig")]
+
+  def source(split, shuffle_files, seed=None):
+    del split, shuffle_files, seed
+    return tf.data.Dataset.from_tensor_slices(
+        {"inputs": [r[0] for r in rows], "targets": [r[1] for r in rows]})
+
+  name = "pipeline_test_with_empty_rows"
+  if name in seqio.TaskRegistry.names():
+    seqio.TaskRegistry.remove(name)
+  seqio.TaskRegistry.add(
+      name, source=seqio.FunctionDataSource(source, splits=["train"]),
+      preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
+      output_features={"inputs": seqio.Feature(vocabulary, add_eos=True),
+                       "targets": seqio.Feature(vocabulary, add_eos=True)})
+  lengths = {"inputs": 4, "targets": 16}
+  batches = list(pipeline.get_dataset(name, lengths, "train", batch_size=1, shuffle=False,
+                                      num_epochs=1))
+  kept = [b["encoder_input_tokens"][0] for b in batches]
+  assert len(kept) == 3
+  want_inputs = [vocabulary.encode(r[0]) for r in rows if r[0] and r[1]]
+  for got, full in zip(kept, want_inputs):
+    expect = (full[:3] + [1]) if len(full) + 1 > 4 else full + [1]
+    assert got[:len(expect)].tolist() == expect
+  stats = pipeline.data_statistics(name, lengths, "train")
+  truncated = sum(len(vocabulary.encode(r[0])) + 1 > 4 for r in rows if r[0] and r[1])
+  assert stats == {"num_examples": 5, "inputs_truncated": truncated, "targets_truncated": 0,
+                   "dropped_empty": 2}
+  assert truncated > 0  # the lengths are small enough for truncation to happen
