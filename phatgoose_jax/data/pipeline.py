@@ -257,9 +257,8 @@ def encode_examples(examples: Sequence[Mapping[str, Any]], vocabulary,
     `passthrough` fields.
   """
   _check_lengths(task_feature_lengths)
-  eos = int(getattr(vocabulary, "eos_id", 1))
-  if callable(eos):
-    eos = int(eos())
+  eos = getattr(vocabulary, "eos_id", 1)  # a property (seqio) or a method (sentencepiece)
+  eos = int(eos() if callable(eos) else eos)
   L, T = int(task_feature_lengths["inputs"]), int(task_feature_lengths["targets"])
   B = len(examples)
   enc = np.zeros([B, L], np.int32)  # [batch, length]

@@ -32,6 +32,8 @@ Vectors are stored in the library as kind ``'average_activation'``
 """
 from __future__ import annotations
 
+import functools
+
 import dataclasses
 import re
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Union
@@ -110,6 +112,22 @@ def _check_batch(batch: Mapping[str, Any]) -> None:
     raise AverageActivationError(f"batch lacks features {missing} (has {sorted(batch)})")
 
 
+@functools.partial(jax.jit, static_argnames=("model", "decoder_mask"))
+def _site_means_forward(model, decoder_mask, params, adapters, enc, dec_in, dec_tgt, dec_mask):
+  """One forward pass sowing per-example site-input means: {site: [B, D]}.
+
+  Module-level and jitted with the (hashable) model static, so collecting for many experts with
+  the same model compiles once.
+  """
+  site_inputs = {"encoder_token_mask": enc > 0}
+  if decoder_mask:
+    site_inputs["decoder_token_mask"] = dec_mask
+  _, state = model.apply({"params": params, "adapters": adapters}, enc, dec_in, dec_tgt,
+                         enable_dropout=False, site_inputs=site_inputs,
+                         mutable=["intermediates"])
+  return flatten_site_means(state["intermediates"])
+
+
 def site_input_means(model: Any, params: Any, adapters: Any,
                      batches: Iterable[Mapping[str, np.ndarray]], max_examples: int = MAX_EXAMPLES,
                      decoder_mask: bool = True) -> Dict[str, np.ndarray]:
@@ -129,16 +147,6 @@ def site_input_means(model: Any, params: Any, adapters: Any,
   Returns:
     ``{site: [D]}`` float32 means over the examples used.
   """
-
-  @jax.jit
-  def forward(params, adapters, enc, dec_in, dec_tgt, dec_mask):
-    site_inputs = {"encoder_token_mask": enc > 0}
-    if decoder_mask:
-      site_inputs["decoder_token_mask"] = dec_mask
-    _, state = model.apply({"params": params, "adapters": adapters}, enc, dec_in, dec_tgt,
-                           enable_dropout=False, site_inputs=site_inputs,
-                           mutable=["intermediates"])
-    return flatten_site_means(state["intermediates"])  # {site: [B, D]}
 
   sums: Dict[str, np.ndarray] = {}
   count = 0
@@ -163,7 +171,8 @@ def site_input_means(model: Any, params: Any, adapters: Any,
       enc, dec_in, dec_tgt, dec_mask = (np.pad(x, ((0, pad), (0, 0)))
                                         for x in (enc, dec_in, dec_tgt, dec_mask))
     keep = min(n, max_examples - count)
-    means = forward(params, adapters, enc, dec_in, dec_tgt, dec_mask)
+    means = _site_means_forward(model, decoder_mask, params, adapters, enc, dec_in, dec_tgt,
+                                dec_mask)
     if not means:
       raise AverageActivationError("the model sowed no site_input_mean (collect_inputs off?)")
     for site, m in means.items():

@@ -224,3 +224,16 @@ def test_empty_examples_are_dropped_and_counted(vocabulary):
   assert stats == {"num_examples": 5, "inputs_truncated": truncated, "targets_truncated": 0,
                    "dropped_empty": 2}
   assert truncated > 0  # the lengths are small enough for truncation to happen
+
+
+def test_encode_examples_accepts_a_raw_sentencepiece_processor(vocabulary):
+  """eos_id is a property on seqio vocabularies and a method on SentencePieceProcessor."""
+  import sentencepiece as spm
+  sp = spm.SentencePieceProcessor(model_file=vocabulary.sentencepiece_model_file)
+  ex = [{"inputs": "reverse red blue green", "targets": "green blue red"}]
+  lengths = {"inputs": 12, "targets": 8}
+  got = pipeline.encode_examples(ex, sp, lengths)
+  want = pipeline.encode_examples(ex, vocabulary, lengths)
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k])
+  assert 1 in got["encoder_input_tokens"][0].tolist()
