@@ -9,16 +9,21 @@ Per site the flop floor over the base ``2*T*D*F`` is ``2*T*K*R*(D+F)`` (LoRA) pl
   site      one site at T5-base dims, every backend, ratio routed/base next to the floor; plus
             the T5 encoder-layer mix (4x 768->768, 2x 768->2048, 1x 2048->768) and q/k/v with
             one fused router matmul (`routing.fused`) vs three;
-  forward   whole T5-base forward (batch 4, encoder 256 / decoder 32, teacher-forced), base vs
-            routed (E=36, 166);
-  decode    one cached greedy decoding step (batch 8, encoder 256, 16 tokens cached);
-  official  the official code's scheme in JAX (library re-stacked every call, a loop over all
-            experts, each applied to every token under its routing mask) vs ours; ratio is
-            reference/ours;
+  forward   whole T5-base forward (12+12 layers, batch 4, encoder 256 / decoder 32,
+            teacher-forced, float32), base vs routed (E=36, 166);
+  decode    one cached greedy decoding step (batch 8, encoder 256, 16 tokens cached; a zero
+            cache at position 16 and the base encoder output serve every model: the step's
+            cost does not depend on their values);
+  official  the official code's scheme in JAX (library re-stacked every call, a ``fori_loop``
+            over all experts, each applied to every token under its routing mask) vs ours;
+            ratio is reference/ours; whole model at E=36 only in ``--quick`` (its cost grows
+            with E: ~10 s per call at E=166), one site at E=36 and 166;
   train     expert LoRA training step (tokens/s) vs a full-model step;
   scaling   library bytes per device on 1 vs 8 emulated devices (subprocess with
             XLA_FLAGS=--xla_force_host_platform_device_count=8); routed time for E = 10 .. 1000.
 
+Base parameters are random N(0, 0.05^2) drawn by numpy once per run; whole-model programs are
+compiled two at a time (`compile_all`) before timing.
 Timing: jit-compiled, one warm-up call, then the median of ``--repeats`` calls with
 ``block_until_ready``. Base and routed of one ratio are timed back to back, interleaved.
 Records (``--json``): {"benchmark", "backend", "experts", "tokens", "dims": [D, F], "ratio", ...}.
@@ -54,7 +59,7 @@ from phatgoose_jax.models import T5Config  # noqa: E402
 from phatgoose_jax.routing import fused  # noqa: E402
 
 PARTS = ("site", "forward", "decode", "official", "train", "scaling")
-SITE_BACKENDS = ("dense", "gather", "sorted", "auto")
+SITE_BACKENDS = ("dense", "gather", "sorted")
 K, R = 2, 16
 
 
@@ -77,6 +82,7 @@ class Settings:
   scaling_tokens: int
   sharded_experts: int
   gather_max_bytes: float = 3e8
+  official_experts: tuple = ()  # whole-model official-style loop at these E (() = model_experts)
 
 
 T5_BASE = T5Config(vocab_size=32128, emb_dim=768, num_heads=12, num_encoder_layers=12,
@@ -92,8 +98,8 @@ def settings(mode: str) -> Settings:
                     dtype="float32", param_dtype="float32")
     return Settings(1, ((24, 40),), (16,), (5,), tiny, 2, 8, 4, (3,), 2, 2, 1, (3, 6), 16, 8)
   if mode == "quick":
-    return Settings(3, BASE_DIMS, (4096,), (8, 36, 166, 512), T5_BASE, 4, 256, 32, (36, 166),
-                    8, 16, 2, (10, 100, 1000), 1024, 168)
+    return Settings(3, BASE_DIMS, (4096,), (36, 166), T5_BASE, 4, 256, 32, (36, 166),
+                    8, 16, 2, (10, 100, 1000), 1024, 168, official_experts=(36,))
   return Settings(5, BASE_DIMS, (1024, 4096), (8, 36, 166, 512), T5_BASE, 4, 256, 32, (36, 166),
                   8, 16, 12, (10, 30, 100, 300, 1000), 4096, 168)
 
@@ -115,6 +121,19 @@ def time_pair(fns: dict, args: dict, repeats: int) -> dict:
     for name, fn in fns.items():
       times[name].append(_time_once(fn, args[name]))
   return {name: statistics.median(v) for name, v in times.items()}
+
+
+def compile_all(programs: dict) -> dict:
+  """{name: (jitted fn, args)} -> {name: compiled executable}, two compilations at a time.
+
+  XLA compiles one program on one thread; the whole-model programs (216 routed sites) take
+  tens of seconds each, so compiling them side by side halves the wall time on 2 cores.
+  """
+  from concurrent.futures import ThreadPoolExecutor  # pylint: disable=g-import-not-at-top
+  lowered = {name: fn.lower(*args) for name, (fn, args) in programs.items()}
+  with ThreadPoolExecutor(max_workers=2) as pool:
+    futures = {name: pool.submit(low.compile) for name, low in lowered.items()}
+    return {name: fut.result() for name, fut in futures.items()}
 
 
 def record(benchmark: str, backend: str, experts: int, tokens: int, dims, ratio: float,
@@ -207,14 +226,16 @@ def bench_site(cfg: Settings) -> list:
           args[be] = (x, w, a, b, g, s)
         times = time_pair(fns, args, cfg.repeats)
         chosen = rt.choose_backend(t, d, e, R, K)
-        for be in fns:
+        if chosen in times:  # 'auto' runs exactly the chosen backend's program
+          times["auto"] = times[chosen]
+        for be in times:
           if be == "base":
             continue
           ratio = times[be] / times["base"]
           recs.append(record("site", be, e, t, (d, f), ratio, floor=floor(d, f, e),
                              base_seconds=times["base"], seconds=times[be],
                              **({"chosen": chosen} if be == "auto" else {})))
-        best[(t, d, f, e)] = min((times[be], times["base"]) for be in fns if be != "base")
+        best[(t, d, f, e)] = min((times[be], times["base"]) for be in times if be != "base")
   # T5 encoder layer mix: 4 attention sites 768->768, 2 wi 768->2048, 1 wo 2048->768.
   weights = {(768, 768): 4, (768, 2048): 2, (2048, 768): 1}
   for t in cfg.site_tokens:
@@ -229,7 +250,7 @@ def bench_site(cfg: Settings) -> list:
       recs.append(record("site_layer_mix", "best", e, t, (768, 768), routed / base, floor=fl))
   # q/k/v: three routers on one input, separate vs one fused matmul.
   t, d = cfg.site_tokens[-1], cfg.site_dims[0][0]
-  e = max(cfg.site_experts[:3])
+  e = max(cfg.site_experts)
   x, _, _, _, _, _ = _site_problem(t, d, d, e)
   gates = [jnp.asarray(np.random.default_rng(i).normal(size=(e, d)).astype(np.float32))
            for i in range(3)]
@@ -315,10 +336,22 @@ def _forward_fn(model):
   return fwd
 
 
+_BASE_CACHE = {}
+
+
 def _base_model(cfg: Settings):
-  model = ad.build_model(cfg.model, ad.AdapterConfig(mode="none"))
-  params = jax.jit(lambda k: ad.init_variables(model, k)["params"])(jax.random.PRNGKey(0))
-  return model, params
+  """(base model, params): shapes from ``init_variables``, values N(0, 0.05^2) from numpy
+  (much faster than threefry for T5-base's 250M parameters; timing does not depend on values).
+  Built once per run and shared by every part."""
+  key = id(cfg.model)
+  if key not in _BASE_CACHE:
+    model = ad.build_model(cfg.model, ad.AdapterConfig(mode="none"))
+    shapes = jax.eval_shape(lambda: ad.init_variables(model, jax.random.PRNGKey(0))["params"])
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(
+        lambda s: jnp.asarray(rng.standard_normal(s.shape, dtype=np.float32) * 0.05), shapes)
+    _BASE_CACHE[key] = (model, params)
+  return _BASE_CACHE[key]
 
 
 def bench_forward(cfg: Settings, official: bool, ours: bool = True) -> list:
@@ -332,27 +365,33 @@ def bench_forward(cfg: Settings, official: bool, ours: bool = True) -> list:
   base_fwd = _forward_fn(base_model)
   tokens = cfg.batch * (cfg.enc_len + cfg.dec_len)
   dims = (cfg.model.emb_dim, cfg.model.mlp_dim)
+  programs = {"base": (base_fwd, ({"params": params}, enc, dec, dec))}
+  official_experts = cfg.official_experts or cfg.model_experts
   for e in cfg.model_experts:
     model, variables = routed_variables(cfg.model, params, e)
-    fns = {"base": base_fwd}
-    args = {"base": ({"params": params}, enc, dec, dec)}
     if ours:
-      fns["routed"] = _forward_fn(model)
-      args["routed"] = (variables, enc, dec, dec)
-    if official:
+      programs[f"routed{e}"] = (_forward_fn(model), (variables, enc, dec, dec))
+    if official and e in official_experts:
       off_model = model.clone(site_factory=OfficialFactory(model.site_factory.config))
-      fns["official"] = _forward_fn(off_model)
-      args["official"] = (variables, enc, dec, dec)
-    times = time_pair(fns, args, cfg.repeats)
+      programs[f"official{e}"] = (_forward_fn(off_model), (variables, enc, dec, dec))
+  t0 = time.perf_counter()
+  compiled = compile_all(programs)
+  print(f"  compiled {len(programs)} programs in {time.perf_counter() - t0:.1f}s", flush=True)
+  for e in cfg.model_experts:
+    names = [n for n in (f"routed{e}", f"official{e}") if n in compiled]
+    if not names:
+      continue
+    times = time_pair({n: compiled[n] for n in ["base"] + names},
+                      {n: programs[n][1] for n in ["base"] + names}, cfg.repeats)
     if ours:
-      recs.append(record("forward", "auto", e, tokens, dims, times["routed"] / times["base"],
-                         base_seconds=times["base"], seconds=times["routed"]))
-    if official:
+      recs.append(record("forward", "auto", e, tokens, dims, times[f"routed{e}"] / times["base"],
+                         base_seconds=times["base"], seconds=times[f"routed{e}"]))
+    if f"official{e}" in times:
       recs.append(record("forward_official_style", "official", e, tokens, dims,
-                         times["official"] / times["base"], seconds=times["official"]))
+                         times[f"official{e}"] / times["base"], seconds=times[f"official{e}"]))
       if ours:
         recs.append(record("official_vs_ours", "auto", e, tokens, dims,
-                           times["official"] / times["routed"],
+                           times[f"official{e}"] / times[f"routed{e}"],
                            note="ratio = reference/ours"))
   return recs
 
@@ -379,17 +418,23 @@ def bench_decode(cfg: Settings) -> list:
   base_model, params = _base_model(cfg)
   enc = _tokens(cfg, cfg.decode_batch, cfg.enc_len, 3)
   max_len = cfg.decode_cached + 8
+  # The encoder output and the cache contents do not change the step's cost: one base encoding
+  # and a zero cache at position ``decode_cached`` serve every model (no per-model encoder or
+  # cache-filling compilation).
+  encoded = jax.jit(lambda v, t: base_model.apply(v, t, enable_dropout=False,
+                                                  method=base_model.encode))({"params": params}, enc)
+  dummy = jnp.zeros((cfg.decode_batch, max_len), jnp.int32)
+  prev = jnp.zeros((cfg.decode_batch,), jnp.int32)
 
-  def prepare(model, variables):
-    encoded = jax.jit(lambda v, t: model.apply(v, t, enable_dropout=False,
-                                               method=model.encode))(variables, enc)
-    dummy = jnp.zeros((cfg.decode_batch, max_len), jnp.int32)
-
-    @jax.jit
-    def init(v, encoded):
-      _, state = model.apply(v, encoded, enc, dummy, dummy, enable_dropout=False, decode=True,
-                             max_decode_length=max_len, mutable=["cache"], method=model.decode)
-      return state["cache"]
+  def program(model, variables):
+    cache_shapes = jax.eval_shape(
+        lambda v: model.apply(v, encoded, enc, dummy, dummy, enable_dropout=False, decode=True,
+                              max_decode_length=max_len, mutable=["cache"],
+                              method=model.decode)[1]["cache"], variables)
+    cache = jax.tree_util.tree_map_with_path(
+        lambda path, s: (jnp.full(s.shape, cfg.decode_cached, s.dtype)
+                         if "cache_index" in jax.tree_util.keystr(path) else
+                         jnp.zeros(s.shape, s.dtype)), cache_shapes)
 
     @jax.jit
     def step(v, cache, encoded, prev):
@@ -399,21 +444,21 @@ def bench_decode(cfg: Settings) -> list:
                                   method=model.decode)
       return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), state["cache"]
 
-    cache = init(variables, encoded)
-    prev = jnp.zeros((cfg.decode_batch,), jnp.int32)
-    for _ in range(cfg.decode_cached):  # fill the cache with 16 tokens
-      prev, cache = step(variables, cache, encoded, prev)
     return step, (variables, cache, encoded, prev)
 
-  base_step = prepare(base_model, {"params": params})
+  programs = {"base": program(base_model, {"params": params})}
   for e in cfg.model_experts:
     model, variables = routed_variables(cfg.model, params, e)
-    routed_step = prepare(model, variables)
-    times = time_pair({"base": base_step[0], "routed": routed_step[0]},
-                      {"base": base_step[1], "routed": routed_step[1]}, cfg.repeats * 3)
+    programs[f"routed{e}"] = program(model, variables)
+  compiled = compile_all(programs)
+  for e in cfg.model_experts:
+    names = ["base", f"routed{e}"]
+    times = time_pair({n: compiled[n] for n in names}, {n: programs[n][1] for n in names},
+                      cfg.repeats * 3)
     recs.append(record("decode_step", "auto", e, cfg.decode_batch,
-                       (cfg.model.emb_dim, cfg.model.mlp_dim), times["routed"] / times["base"],
-                       base_seconds=times["base"], seconds=times["routed"],
+                       (cfg.model.emb_dim, cfg.model.mlp_dim),
+                       times[f"routed{e}"] / times["base"],
+                       base_seconds=times["base"], seconds=times[f"routed{e}"],
                        chosen=rt.choose_backend(cfg.decode_batch, cfg.model.emb_dim, e, R, K)))
   return recs
 
@@ -452,9 +497,10 @@ def bench_train(cfg: Settings) -> list:
     upd, opt = tx.update(g, opt, params)
     return optax.apply_updates(params, upd), opt, loss
 
-  times = time_pair({"lora": lora_step, "full": full_step},
-                    {"lora": (params, adapters, tx.init(adapters)),
-                     "full": (params, tx.init(params))}, cfg.repeats)
+  programs = {"lora": (lora_step, (params, adapters, tx.init(adapters))),
+              "full": (full_step, (params, tx.init(params)))}
+  compiled = compile_all(programs)
+  times = time_pair(compiled, {n: p[1] for n, p in programs.items()}, cfg.repeats)
   dims = (mcfg.emb_dim, mcfg.mlp_dim)
   return [record("train_step", "lora", 1, tokens, dims, times["lora"] / times["full"],
                  tokens_per_s=tokens / times["lora"], full_tokens_per_s=tokens / times["full"],

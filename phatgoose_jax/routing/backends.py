@@ -2,7 +2,8 @@
 
 Letters used in shape comments:
   T tokens (leading dims flattened), D site input, F site output, E experts, K top-k, R LoRA
-  rank, N = T*K token-expert assignments, G padded blocks, S rows per block.
+  rank, N = T*K token-expert assignments, G padded blocks, S rows per block, C slots per expert
+  (capacity).
 
 Several backends compute the same function with different cost profiles; all are jittable,
 differentiable w.r.t. ``x``, ``lora_a``, ``lora_b`` and ``routing.weights`` and accept any
@@ -15,10 +16,18 @@ leading dims:
   * ``gather``: gather the K chosen ``A [D, R]`` / ``B [R, F]`` per token, then einsum. Cost
     ~ T*K*R*(D+F) flops but T*K*(D*R + R*F) gathered memory; best for tiny T (decoding).
   * ``sorted``: flatten the N = T*K assignments, sort by expert, grouped matmul, unsort, weighted
-    sum. Uses ``jax.lax.ragged_dot`` on GPU/TPU (native grouped GEMM); elsewhere (CPU, where
-    ragged_dot decomposes into an E-times-masked dense product) a block-padded fallback: each
-    expert's segment is padded to a multiple of S rows, each S-row block gathers its expert's
-    A/B once and a batched matmul runs over the G <= ceil(N/S) + min(E, N) blocks.
+    sum. Uses ``jax.lax.ragged_dot`` on GPU/TPU (native grouped GEMM). Elsewhere (CPU, where
+    ragged_dot decomposes into an E-times-masked dense product) the tokens are processed in
+    chunks of Tc (so that no buffer exceeds ~16 MB: larger XLA:CPU buffers are mmap-ed fresh
+    and page-fault on every call) and each chunk takes
+      - the capacity fast path when every expert has <= C = ceil(cf*m + 4*sqrt(m)) of the
+        chunk's assignments (m = Tc*K/E, cf = ``capacity_factor``, default 1.5): an
+        [E, C] slot grid, two batched matmuls against A [E, D, R] / B [E, R, F] as stored;
+      - otherwise (``lax.cond``, exact) the block-padded path: each expert's segment is padded
+        to a multiple of S rows, each S-row block gathers its expert's A/B once and a batched
+        matmul runs over the G <= ceil(N/S) + min(E, N) blocks.
+    Both are exact (no token is ever dropped). ``block_rows`` without ``capacity_factor``, or
+    ``capacity_factor=0``, forces the block-padded path.
   * ``auto``: see ``choose_backend``.
 
 Numerics: the LoRA matmuls run in ``x.dtype`` (the compute dtype; ``lora_a``/``lora_b`` are cast
@@ -42,6 +51,10 @@ Scale = Union[float, jax.Array]
 # Heuristic thresholds for choose_backend (see its docstring).
 _GATHER_MAX_ASSIGNMENTS = 128
 _DENSE_MIN_COLUMNS = 256
+# Capacity of the CPU 'sorted' fast path, as a multiple of the mean rows per expert N/E.
+DEFAULT_CAPACITY_FACTOR = 1.5
+# Byte budget of one [E*C, max(D, F)] float32 grid in the chunked CPU 'sorted' path.
+_CHUNK_BYTES = 16 << 20
 
 
 def choose_backend(num_tokens: int, dim_in: int, num_experts: int, rank: int, top_k: int,
@@ -186,10 +199,92 @@ def _grouped_blocked(x, a, b, idx, coef, block_rows):
   # Slot of each assignment: its rank within its expert, offset by the expert's padded start.
   sorted_pos = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))  # [N]
   dest = padded_start[flat_ids] + sorted_pos - start[flat_ids]  # [N]
-  return jnp.take(y_pad, dest, axis=0).reshape(t, k, -1).sum(axis=1)  # [T, F]
+  dest = dest.reshape(t, k)  # [T, K]
+  out = y_pad[dest[:, 0]]  # [T, F]; per-k row gathers fuse with the sum
+  for j in range(1, k):
+    out = out + y_pad[dest[:, j]]
+  return out
 
 
-def _sorted(x, a, b, idx, w, scale, use_ragged_dot=None, block_rows=None):
+def sorted_capacity(num_assignments: int, num_experts: int, capacity_factor: float) -> int:
+  """C for the capacity fast path: ``ceil(cf * m + 4 * sqrt(m))`` for mean rows ``m = N/E``.
+
+  The ``4 sqrt(m)`` margin covers the spread of a balanced random routing (Poisson-like counts)
+  so that the exact fallback stays rare; clipped to [8, N].
+  """
+  mean = num_assignments / max(1, num_experts)
+  c = math.ceil(capacity_factor * mean + 4.0 * math.sqrt(mean))
+  return int(max(1, min(num_assignments, max(8, c))))
+
+
+def _grouped_capacity(x, a, b, idx, coef, capacity):
+  """Grouped LoRA with a static per-expert capacity C (exact when every expert has <= C rows).
+
+  Expert ``e``'s i-th assignment (in token order) goes to slot ``(e, i)`` of an ``[E, C]`` grid;
+  empty slots read token 0 with coefficient 0. The grid runs as two batched matmuls against the
+  stacked ``A [E, D, R]`` / ``B [E, R, F]`` directly (no per-block weight gather), and each
+  token gathers its K output rows back. Scatter-free. The caller guarantees
+  ``max(group_sizes) <= C`` (`_sorted` checks it and otherwise takes the blocked path).
+
+  Args:
+    x: [T, D].
+    a: [E, D, R].
+    b: [E, R, F].
+    idx: [T, K] expert ids.
+    coef: [T, K] per-assignment coefficient in ``x.dtype``.
+    capacity: C, static.
+
+  Returns:
+    [T, F].
+  """
+  t, k = idx.shape
+  e = a.shape[0]
+  n = t * k
+  c = capacity
+  flat_ids = idx.reshape(n)  # [N]
+  order = jnp.argsort(flat_ids, stable=True).astype(jnp.int32)  # [N] sorted pos -> assignment
+  group_sizes = jnp.bincount(flat_ids, length=e).astype(jnp.int32)  # [E]
+  start = jnp.cumsum(group_sizes) - group_sizes  # [E]
+  slot = jnp.arange(c, dtype=jnp.int32)  # [C]
+  valid = slot[None, :] < group_sizes[:, None]  # [E, C]
+  src = order[jnp.clip(start[:, None] + slot[None, :], 0, n - 1)]  # [E, C] assignment per slot
+  x_grid = jnp.take(x, (src // k).reshape(e * c), axis=0).reshape(e, c, -1)  # [E, C, D]
+  c_grid = jnp.where(valid, jnp.take(coef.reshape(n), src), 0).astype(x.dtype)  # [E, C]
+  h = jnp.einsum("ecd,edr->ecr", x_grid, a) * c_grid[..., None]  # [E, C, R]
+  y_grid = jnp.einsum("ecr,erf->ecf", h, b).reshape(e * c, -1)  # [E*C, F]
+  rank = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))  # [N]
+  dest = (flat_ids * c + rank - start[flat_ids]).reshape(t, k)  # [T, K] slot of each assignment
+  out = y_grid[dest[:, 0]]  # [T, F]; per-k row gathers fuse with the sum (no [T, K, F] buffer)
+  for j in range(1, k):
+    out = out + y_grid[dest[:, j]]
+  return out
+
+
+def sorted_chunk_tokens(num_tokens: int, top_k: int, dim: int, capacity_factor: float) -> int:
+  """Tokens per chunk of the CPU 'sorted' path: the ``[E*C, max(D, F)]`` grid stays near 16 MB.
+
+  XLA:CPU buffers above glibc's mmap threshold (32 MB at most) are mapped fresh on every call
+  and pay a page fault per 4 KB page (~0.4 ms/MB measured), which dominated the routed LoRA
+  at T=4096. Chunking the tokens keeps each grid small and reuses it across loop iterations.
+  Returns a power of two >= 128 (or T itself when T is smaller).
+  """
+  rows = _CHUNK_BYTES // (4 * max(1, dim))  # grid rows that fit the budget
+  tokens = max(128, int(rows / max(1e-6, capacity_factor * top_k)))
+  tokens = 1 << (tokens.bit_length() - 1)
+  return num_tokens if num_tokens <= tokens else tokens
+
+
+def _capacity_or_blocked(x, a, b, idx, coef, capacity, block_rows):
+  """`_grouped_capacity` when no expert exceeds C rows, else the exact blocked path."""
+  e = a.shape[0]
+  group_sizes = jnp.bincount(idx.reshape(-1), length=e)  # [E]
+  return jax.lax.cond(jnp.max(group_sizes) <= capacity,
+                      lambda *ops: _grouped_capacity(*ops, capacity),
+                      lambda *ops: _grouped_blocked(*ops, block_rows), x, a, b, idx, coef)
+
+
+def _sorted(x, a, b, idx, w, scale, use_ragged_dot=None, block_rows=None, capacity_factor=None,
+            chunk_tokens=None):
   t, k = idx.shape
   e = a.shape[0]
   n = t * k
@@ -197,8 +292,29 @@ def _sorted(x, a, b, idx, w, scale, use_ragged_dot=None, block_rows=None):
     use_ragged_dot = jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
   coef = _coefficients(idx, w, scale, x.dtype)  # [T, K]
   if not use_ragged_dot:
-    s = sorted_block_rows(n, e) if block_rows is None else int(block_rows)
-    return _grouped_blocked(x, a, b, idx, coef, max(1, min(s, n)))
+    if capacity_factor is None:
+      capacity_factor = 0.0 if block_rows is not None else DEFAULT_CAPACITY_FACTOR
+    if capacity_factor <= 0:
+      s = sorted_block_rows(n, e) if block_rows is None else int(block_rows)
+      return _grouped_blocked(x, a, b, idx, coef, max(1, min(s, n)))
+    dim = max(a.shape[1], b.shape[2])
+    tc = (sorted_chunk_tokens(t, k, dim, capacity_factor) if chunk_tokens is None
+          else max(1, min(int(chunk_tokens), t)))
+    nc = tc * k
+    c = sorted_capacity(nc, e, capacity_factor)
+    s = sorted_block_rows(nc, e) if block_rows is None else int(block_rows)
+    s = max(1, min(s, nc))
+    if tc >= t:
+      return _capacity_or_blocked(x, a, b, idx, coef, c, s)
+    chunks = -(-t // tc)
+    pad = chunks * tc - t
+    # Padded tokens route to expert 0 with coefficient 0 (their rows are dropped below).
+    xp = jnp.pad(x, ((0, pad), (0, 0))).reshape(chunks, tc, -1)  # [chunks, Tc, D]
+    ip = jnp.pad(idx, ((0, pad), (0, 0))).reshape(chunks, tc, k)  # [chunks, Tc, K]
+    cp = jnp.pad(coef, ((0, pad), (0, 0))).reshape(chunks, tc, k)  # [chunks, Tc, K]
+    out = jax.lax.map(lambda ops: _capacity_or_blocked(ops[0], a, b, ops[1], ops[2], c, s),
+                      (xp, ip, cp))  # [chunks, Tc, F]
+    return out.reshape(chunks * tc, -1)[:t]
   flat_ids = idx.reshape(n)  # [N]
   order = jnp.argsort(flat_ids, stable=True)  # [N]
   token_of = order // k  # [N] source token of each sorted assignment
@@ -231,7 +347,8 @@ def routed_lora(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array, routing: Rou
     scale: python float, scalar, or [E] per-expert scale (imported experts may differ, e.g.
       ``alpha / r`` of each PEFT adapter, or PHATGOOSE's ``1 / d_bottleneck``).
     backend: one of ``'auto'``, ``'oracle'``, ``'dense'``, ``'gather'``, ``'sorted'``.
-    **backend_kwargs: passed to the ``'sorted'`` backend (``use_ragged_dot``, ``block_rows``).
+    **backend_kwargs: passed to the ``'sorted'`` backend (``use_ragged_dot``, ``block_rows``,
+      ``capacity_factor``, ``chunk_tokens``; CPU path options, see the module docstring).
 
   Returns:
     [..., F] in ``x.dtype``.

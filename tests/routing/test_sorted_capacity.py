@@ -1,0 +1,81 @@
+"""The CPU 'sorted' backend's capacity fast path, its exact fallback and its token chunking all
+equal the oracle, forward and backward."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from phatgoose_jax import routing as rt
+from phatgoose_jax.routing import backends as bk
+
+D, F, E, R, K = 13, 11, 5, 3, 2
+
+
+def _problem(t, seed=0, skew=False):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(t, D)).astype(np.float32))
+  a = jnp.asarray(rng.normal(size=(E, D, R)).astype(np.float32))
+  b = jnp.asarray(rng.normal(size=(E, R, F)).astype(np.float32))
+  if skew:  # expert 0 in every token, twice in every other one: over the capacity
+    second = np.where(np.arange(t) % 2 == 0, 0, rng.integers(1, E, size=t))
+    idx = np.stack([np.zeros(t, np.int64), second], -1)
+  else:
+    idx = np.argsort(rng.random((t, E)), axis=-1)[:, :K]
+  w = jnp.asarray(rng.random((t, K)).astype(np.float32))
+  return x, a, b, rt.Routing(jnp.asarray(idx, jnp.int32), w)
+
+
+# (capacity_factor, chunk_tokens): one chunk, several chunks with a padded last one.
+CASES = {"one_chunk": (1.5, None), "chunks_padded": (1.5, 16), "tiny_capacity": (0.01, 6)}
+
+
+def _overflows(r, cf, chunk):
+  """Whether some chunk has an expert over its capacity (so the exact fallback runs)."""
+  idx = np.asarray(r.indices)
+  chunk = chunk or idx.shape[0]
+  cap = bk.sorted_capacity(chunk * K, E, cf)
+  return any(np.bincount(idx[i:i + chunk].ravel(), minlength=E).max() > cap
+             for i in range(0, idx.shape[0], chunk))
+
+
+@pytest.mark.parametrize("skew", [False, True])
+@pytest.mark.parametrize("case", list(CASES))
+def test_capacity_path_equals_oracle(case, skew):
+  cf, chunk = CASES[case]
+  x, a, b, r = _problem(37, seed=1, skew=skew)
+  assert _overflows(r, cf, chunk) == skew  # both the fast path and the fallback are exercised
+  scale = jnp.linspace(0.5, 1.5, E)
+  got = rt.routed_lora(x, a, b, r, scale, backend="sorted", use_ragged_dot=False,
+                       capacity_factor=cf, chunk_tokens=chunk)
+  want = rt.routed_lora(x, a, b, r, scale, backend="oracle")
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("skew", [False, True])
+def test_capacity_path_gradients_equal_oracle(skew):
+  x, a, b, r = _problem(21, seed=2, skew=skew)
+
+  def loss(backend, x, a, b, w, **kw):
+    out = rt.routed_lora(x, a, b, rt.Routing(r.indices, w), 0.7, backend=backend, **kw)
+    return jnp.sum(jnp.sin(out))
+
+  want = jax.grad(functools.partial(loss, "oracle"), argnums=(0, 1, 2, 3))(x, a, b, r.weights)
+  assert _overflows(r, 1.5, 16) == skew
+  fast = functools.partial(loss, "sorted", use_ragged_dot=False, capacity_factor=1.5,
+                           chunk_tokens=16)
+  got = jax.jit(jax.grad(fast, argnums=(0, 1, 2, 3)))(x, a, b, r.weights)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4)
+
+
+def test_capacity_and_chunk_sizes():
+  # Mean rows per expert 8192/166 ~ 49: capacity above the mean plus a margin, within [8, N].
+  c = bk.sorted_capacity(8192, 166, 1.5)
+  assert 1.5 * 8192 / 166 < c < 3 * 8192 / 166
+  assert bk.sorted_capacity(4, 100, 1.5) == 4  # never more than N
+  assert bk.sorted_capacity(64, 64, 1.0) == 8  # at least 8
+  tc = bk.sorted_chunk_tokens(4096, 2, 2048, 1.5)
+  assert tc & (tc - 1) == 0 and 128 <= tc < 4096
+  assert bk.sorted_chunk_tokens(100, 2, 768, 1.5) == 100  # small T: one chunk
