@@ -12,10 +12,12 @@
      ``lora_a``/``lora_b`` train), then its PHATGOOSE gate (mode 'gated_lora', only ``gate`` trains,
      LoRA frozen; Muqeeth et al., ICML 2024, sec. 3), both added to an `library.ExpertLibrary`;
   4. a multitask LoRA on the union of the expert tasks' training data;
-  5. zero-shot evaluation of every method of `demo_methods.METHOD_RUNNERS` on the held-out tasks
+  5. evaluation of every method of `demo_methods.METHOD_RUNNERS` on the held-out tasks
      (compositions of 2-3 expert skills in one input: each segment's tokens need a different
      expert; generative exact match and rank classification), plus the expert tasks' validation
-     split for context;
+     split for context; zero-shot unless the row says "(k-shot)" or "(unlabelled inputs)";
+     Poly / MHR / task-level MoE train on the union inside their method stage
+     (`demo_multitask_methods`);
   6. the table (markdown, printed), ``report.md``, ``results.json`` and ``routing_heatmap.png``
      (PHATGOOSE's top-1 expert per encoder token per encoder site for one held-out example, as the
      paper's routing analysis, sec. 5.3) in the run folder.
@@ -81,6 +83,15 @@ class DemoConfig:
     lorahub_budget: LoraHub loss evaluations (official 40).
     prototype_examples: training examples per expert for Average Activation / Retrieval.
     eval_batch: examples per evaluation call.
+    poly_skills, poly_rank: Poly / MHR inventory: K skills of rank R_poly (<= rank).
+    mhr_heads: H of MHR (must divide every site's input and output width).
+    poly_steps, poly_lr, poly_z_lr: multitask Poly / MHR training (batch ``expert_batch``; skills
+      lr, routing-logits lr as mttl's 0.1).
+    poly_adapt_steps: steps of the few-shot Z-row training (Poly-z / MHR-z).
+    task_moe_experts, task_moe_steps, task_moe_lr: task-level MoE copies per layer, stage-1 steps
+      and model learning rate (router: the official 1e-3).
+    task_moe_stage2_steps: stage-2 steps (0: stage 2 skipped).
+    dfwe_finetune_steps, dfwe_budget: DFWE per-expert few-shot fine-tuning steps, CMA-ES budget.
   """
   seed: int = 0
   corpus_lines: int = 4000
@@ -111,6 +122,19 @@ class DemoConfig:
   lorahub_budget: int = 40
   prototype_examples: int = 200
   eval_batch: int = 50
+  poly_skills: int = 8
+  poly_rank: int = 4
+  mhr_heads: int = 8
+  poly_steps: int = 1800
+  poly_lr: float = 5e-3
+  poly_z_lr: float = 0.1
+  poly_adapt_steps: int = 100
+  task_moe_experts: int = 3
+  task_moe_steps: int = 1800
+  task_moe_lr: float = 1e-3
+  task_moe_stage2_steps: int = 0
+  dfwe_finetune_steps: int = 50
+  dfwe_budget: int = 100
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -123,7 +147,8 @@ def quick_config(seed: int = 0) -> DemoConfig:
                     pretrain_steps=20, pretrain_batch=16, train_examples=100, expert_steps=8,
                     expert_batch=16, gate_steps=4, multitask_steps=8, eval_examples=12,
                     context_examples=6, fewshot_examples=3, lorahub_budget=4,
-                    prototype_examples=16, eval_batch=12)
+                    prototype_examples=16, eval_batch=12, poly_steps=8, poly_adapt_steps=3,
+                    task_moe_steps=8, dfwe_finetune_steps=2, dfwe_budget=4)
 
 
 # ------------------------------------------------------------------------------------------------

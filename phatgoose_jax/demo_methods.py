@@ -6,15 +6,18 @@ module is missing (ImportError) is skipped and reported; any other error stops t
 
 Rows (PHATGOOSE, Muqeeth et al., ICML 2024, sec. 5.1 baselines):
   * Base model; Multitask LoRA (one LoRA on the union of the expert tasks);
-  * Expert: <task> (each single expert), and two derived rows: Expert oracle (the best single
-    expert per held-out task, chosen on the test data: an upper bound on per-example expert choice)
-    and Best individual (the one expert with the best held-out average);
+  * Poly / MHR rows (mean Z, -mu zero-shot; -z few-shot), Task-level MoE (router on a text task
+    representation from unlabelled inputs), and DFWE (few-shot): `demo_multitask_methods`, whose
+    docstring gives each protocol;
+  * Expert: <task> (each single expert), and two derived rows (`methods.oracle`): Expert oracle
+    (the best single expert per held-out task, chosen on the test data: an upper bound on
+    per-example expert choice) and Best individual (the one expert with the best held-out average);
   * Merged experts (uniform factor average, the paper's "Merged Experts"), TIES merge (PEFT TIES
     at factor level, density 0.5, weights 1);
   * Retrieval (per-example one-hot routing by max cosine similarity to the experts' training inputs,
     hashed bag-of-words embedder, offline), Average Activation, Arrow (the variant PHATGOOSE ran);
-  * LoraHub (few-shot: `DemoConfig.fewshot_examples` labelled held-out training examples; not
-    zero-shot, marked in the table);
+  * LoraHub and DFWE (few-shot: `DemoConfig.fewshot_examples` labelled held-out training examples;
+    not zero-shot, marked "(k-shot)" in the table);
   * PHATGOOSE (gates trained post hoc, top-k per-token routing at every site).
 
 The single-LoRA rows (base, multitask, experts, merges, LoraHub) share one model (rank R, scale 1/R)
@@ -243,15 +246,28 @@ def run_phatgoose(ctx: MethodContext) -> List[Method]:
                       "every site")]
 
 
+def _multitask_runner(name: str) -> Callable[[MethodContext], List[Method]]:
+  """A runner of `demo_multitask_methods` (imported when run: it imports this module)."""
+  def run(ctx: MethodContext) -> List[Method]:
+    from phatgoose_jax import demo_multitask_methods  # pylint: disable=g-import-not-at-top
+    return getattr(demo_multitask_methods, name)(ctx)
+  run.__name__ = name
+  return run
+
+
 METHOD_RUNNERS: List[tuple] = [
     ("base", run_base),
     ("multitask", run_multitask),
+    ("poly", _multitask_runner("run_poly")),
+    ("mhr", _multitask_runner("run_mhr")),
+    ("task_moe", _multitask_runner("run_task_moe")),
     ("experts", run_experts),
     ("merged", run_merged),
     ("retrieval", run_retrieval),
     ("average_activation", run_average_activation),
     ("arrow", run_arrow),
     ("lorahub", run_lorahub),
+    ("dfwe", _multitask_runner("run_dfwe")),
     ("phatgoose", run_phatgoose),
 ]
 ORACLE = "Expert oracle (best per task)"
@@ -319,25 +335,26 @@ def evaluate_all(ctx: MethodContext) -> Dict[str, Any]:
       ctx.progress.line(f"  {m.name}: " + ", ".join(scores))
   rows = add_derived_rows(rows, methods)
   return {"rows": rows, "context_rows": context_rows, "notes": notes, "skipped": skipped,
-          "heldout_examples": heldout}
+          "heldout_examples": heldout, "training": dict(ctx.cache.get("training_info", {}))}
 
 
 def add_derived_rows(rows: List[Dict[str, Any]], methods: Sequence[str]) -> List[Dict[str, Any]]:
-  """Adds the expert-oracle and best-individual rows computed from the single-expert rows."""
+  """Adds the expert-oracle and best-individual rows (`methods.oracle`) from the single-expert rows."""
+  from phatgoose_jax.methods import oracle  # pylint: disable=g-import-not-at-top
+  del methods  # the rows carry their method names
   expert_rows = [r for r in rows if r["method"].startswith("Expert: ")]
   if not expert_rows:
     return rows
   tasks = list(dict.fromkeys(r["task"] for r in expert_rows))
   by = {(r["method"], r["task"]): r for r in expert_rows}
   names = list(dict.fromkeys(r["method"] for r in expert_rows))
-  derived = []
-  for task in tasks:
-    best = max(names, key=lambda n: by[(n, task)]["score"])
-    derived.append(dict(by[(best, task)], method=ORACLE, chosen=best[len("Expert: "):]))
-  mean = {n: float(np.mean([by[(n, t)]["score"] for t in tasks])) for n in names}
-  top = max(names, key=lambda n: mean[n])
-  for task in tasks:
-    derived.append(dict(by[(top, task)], method=BEST_INDIVIDUAL, chosen=top[len("Expert: "):]))
+  scores = {n: {t: by[(n, t)]["score"] for t in tasks} for n in names}
+  per_task = oracle.oracle(scores, tasks)
+  single = oracle.best_individual(scores, tasks)
+  derived = [dict(by[(per_task.experts[t], t)], method=ORACLE,
+                  chosen=per_task.experts[t][len("Expert: "):]) for t in tasks]
+  derived += [dict(by[(single.expert, t)], method=BEST_INDIVIDUAL,
+                   chosen=single.expert[len("Expert: "):]) for t in tasks]
   # Insert right after the last single-expert row, so the table keeps the runners' order.
   last = max(i for i, r in enumerate(rows) if r["method"].startswith("Expert: "))
   return rows[:last + 1] + derived + rows[last + 1:]
@@ -390,6 +407,17 @@ def routing_analysis(ctx: MethodContext, examples: Sequence[Mapping[str, Any]], 
           "heatmap_tokens": tokens, "chance_percent": 100.0 / len(names)}
 
 
+def _training_markdown(training: Mapping[str, Mapping[str, Any]]) -> str:
+  """One line per baseline trained inside the method stage (final train / validation loss)."""
+  lines = []
+  for name, info in training.items():
+    if "validation_loss" in info:
+      lines.append(f"- {name}: {info['steps']} steps, final training loss "
+                   f"{info['final_train_loss']:.3f}, expert-task validation loss "
+                   f"{info['validation_loss']:.3f}")
+  return ("Training of the multitask baselines:\n\n" + "\n".join(lines) + "\n") if lines else ""
+
+
 def write_outputs(ctx: MethodContext, evaluation: Mapping[str, Any],
                   extra: Mapping[str, Any]) -> Dict[str, Any]:
   """Writes ``results.json``, ``report.md`` and ``routing_heatmap.png``; returns paths and table."""
@@ -416,6 +444,7 @@ def write_outputs(ctx: MethodContext, evaluation: Mapping[str, Any],
                   "rows": evaluation["context_rows"]},
       "method_notes": evaluation["notes"], "skipped_methods": evaluation["skipped"],
       "oracle_choice": chosen, "best_individual": best,
+      "method_training": evaluation.get("training", {}),
       "expert_names": ctx.library.names(), "routing": routing, "files": paths, **dict(extra),
   }
   report.atomic_write_json(paths["results"], results)
@@ -431,7 +460,12 @@ def write_outputs(ctx: MethodContext, evaluation: Mapping[str, Any],
       "## Held-out tasks\n", table_md,
       f"Expert oracle picks per task: {chosen}; best individual expert: {best}.\n",
       "## Expert tasks (validation, in-distribution context)\n", context_md,
-      "## Methods\n", notes + "\n",
+      "## Methods\n",
+      f"Rows marked ({cfg.fewshot_examples}-shot) use {cfg.fewshot_examples} labelled training "
+      "examples of each held-out task; '(unlabelled inputs)' uses inputs of the held-out task "
+      "without their targets; every other row is zero-shot.\n",
+      notes + "\n",
+      _training_markdown(evaluation.get("training", {})),
       "## PHATGOOSE routing\n",
       f"On {len(probe)} `{probe_task}` test inputs, {routing['segment_agreement_percent']:.1f}% of "
       f"encoder tokens (over all encoder sites) are routed top-1 to the expert whose skill their "

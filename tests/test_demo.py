@@ -12,6 +12,10 @@ from phatgoose_jax import demo, demo_methods
 from phatgoose_jax.data import synthetic
 
 
+MULTITASK_ROWS = ["Poly (mean Z)", "Poly-mu", "Poly-z (3-shot)", "MHR (mean Z)", "MHR-mu",
+                  "MHR-z (3-shot)", "Task-level MoE (unlabelled inputs)"]
+
+
 def _parse_markdown_table(text):
   """The first markdown table in ``text``: (header cells, {row label: cells})."""
   lines = [l for l in text.splitlines() if l.startswith("| ")]
@@ -51,10 +55,10 @@ def test_results_have_every_method_with_numeric_heldout_metrics(quick_run):
   results = json.loads((out / "results.json").read_text())
   assert results["skipped_methods"] == {}
   experts = [f"Expert: {t}" for t in synthetic.SYNTHETIC_EXPERT_TASKS]
-  expected = (["Base model", "Multitask LoRA"] + experts +
+  expected = (["Base model", "Multitask LoRA"] + MULTITASK_ROWS + experts +
               [demo_methods.ORACLE, demo_methods.BEST_INDIVIDUAL, "Merged experts (uniform)",
                "TIES merge", "Retrieval", "Average Activation", "Arrow", "LoraHub (3-shot)",
-               "PHATGOOSE"])
+               "DFWE (3-shot)", "PHATGOOSE"])
   assert results["methods"] == expected
   tasks = list(synthetic.SYNTHETIC_HELDOUT_TASKS)
   assert results["tasks"] == tasks
@@ -77,10 +81,28 @@ def test_results_have_every_method_with_numeric_heldout_metrics(quick_run):
   best = "Expert: " + results["best_individual"]
   assert all(results["table"][demo_methods.BEST_INDIVIDUAL][t] == results["table"][best][t]
              for t in tasks)
-  # In-distribution context table: every method evaluated on every expert task (not LoraHub).
+  # In-distribution context table: every zero-shot method on every expert task; the few-shot rows
+  # are adapted per held-out task, so they have no context row.
   assert results["context"]["tasks"] == list(synthetic.SYNTHETIC_EXPERT_TASKS)
-  assert "LoraHub (3-shot)" not in results["context"]["methods"]
-  assert "PHATGOOSE" in results["context"]["methods"]
+  few_shot = [m for m in expected if "-shot)" in m]
+  assert few_shot == ["Poly-z (3-shot)", "MHR-z (3-shot)", "LoraHub (3-shot)", "DFWE (3-shot)"]
+  assert results["context"]["methods"] == [m for m in expected if m not in few_shot and m not in (
+      demo_methods.ORACLE, demo_methods.BEST_INDIVIDUAL)]
+  for m in results["context"]["methods"]:
+    for t in results["context"]["tasks"]:
+      assert 0.0 <= results["context"]["table"][m][t] <= 100.0, (m, t)
+  # Every new row has a note, and the trained baselines logged finite losses.
+  assert set(results["method_notes"]) >= set(MULTITASK_ROWS + ["DFWE (3-shot)"])
+  training = results["method_training"]
+  assert set(training) == {"Poly", "MHR", "Task-level MoE", "DFWE"}
+  for name in ("Poly", "MHR", "Task-level MoE"):
+    assert np.isfinite(training[name]["final_train_loss"]), name
+    assert np.isfinite(training[name]["validation_loss"]), name
+  assert training["MHR"]["heads"] == demo.quick_config().mhr_heads and training["Poly"]["heads"] == 1
+  for weights in training["DFWE"]["weights"].values():  # simplex weights per held-out task
+    assert len(weights) == 6 and min(weights) >= 0 and sum(weights) == pytest.approx(1, abs=1e-3)
+  routes = training["Task-level MoE"]["routes"]
+  assert set(routes) == set(synthetic.SYNTHETIC_EXPERT_TASKS) | set(tasks)
   # Bookkeeping.
   assert results["seed"] == 3 and results["quick"] is True
   assert results["timings_s"]["total"] > 0 and results["cpu_time_s"] > 0
@@ -187,3 +209,106 @@ def test_module_entry_point(tmp_path):
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines() == [
       "phatgoose-jax: error: --seed must be a non-negative int, got -1"]
+
+
+# ------------------------------------------------------------------------------------------------
+# demo_multitask_methods: the evaluation shortcuts are exact.
+# ------------------------------------------------------------------------------------------------
+def _tiny():
+  import dataclasses
+  import jax
+  cfg = dataclasses.replace(demo.quick_config(), vocab_size=32, emb_dim=16, num_heads=2,
+                            head_dim=4, mlp_dim=24, rank=5, poly_rank=3, poly_skills=4)
+  t5 = demo.t5_config(cfg)
+  from phatgoose_jax.models import Transformer
+  plain = Transformer(t5)
+  rng = np.random.default_rng(0)
+  tokens = [rng.integers(2, 32, (3, 7)).astype(np.int32), rng.integers(2, 32, (3, 5)).astype(
+      np.int32)]
+  params = plain.init({"params": jax.random.key(0)}, tokens[0], tokens[1], tokens[1],
+                      enable_dropout=False)["params"]
+  ctx = demo_methods.MethodContext(cfg=cfg, t5_config=t5, params=jax.device_get(params),
+                                   vocab=None, library=None, run_dir="", experts=["a", "b"],
+                                   train_data={}, progress=None)
+  return ctx, tokens
+
+
+def _logits(model, variables, tokens, **site_inputs):
+  return np.asarray(model.apply(variables, tokens[0], tokens[1], tokens[1], enable_dropout=False,
+                                site_inputs=site_inputs or None))
+
+
+def test_task_moe_routed_params_equal_the_routed_model():
+  import jax
+  from phatgoose_jax import demo_multitask_methods as dmm
+  from phatgoose_jax.methods import task_moe
+  from phatgoose_jax.models import Transformer
+  ctx, tokens = _tiny()
+  t5 = ctx.t5_config
+  mcfg = task_moe.TaskMoEConfig(num_experts=3)
+  model = Transformer(t5, task_moe.make_task_moe_site_factory(mcfg))
+  one_hot = {"encoder": np.eye(3, dtype=np.float32)[[2]], "decoder": np.eye(3, dtype=np.float32)[[1]]}
+  batch_routes = {k: np.repeat(v[None], 3, 0) for k, v in one_hot.items()}  # [B, n, m]
+  init = model.init({"params": jax.random.key(1)}, tokens[0], tokens[1], tokens[1],
+                    enable_dropout=False, site_inputs={"layer_routes": batch_routes})
+  rng = np.random.default_rng(1)
+  adapters = jax.tree.map(lambda x: np.asarray(x) + rng.normal(0, 0.3, x.shape).astype(np.float32),
+                          jax.device_get(init["adapters"]))  # distinct copies
+  expected = _logits(model, {"params": ctx.params, "adapters": adapters}, tokens,
+                     layer_routes=batch_routes)
+  params = dmm._routed_params(ctx.params, adapters, one_hot)
+  got = _logits(Transformer(t5), {"params": params}, tokens)
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+  other = dmm._routed_params(ctx.params, adapters, {"encoder": one_hot["encoder"],
+                                                     "decoder": np.eye(3, dtype=np.float32)[[0]]})
+  assert np.abs(_logits(Transformer(t5), {"params": other}, tokens) - expected).max() > 1e-3
+
+
+def test_poly_mu_padded_lora_equals_uniform_routing_and_mean_row_is_used():
+  import dataclasses
+  import jax
+  from phatgoose_jax import demo_multitask_methods as dmm
+  from phatgoose_jax.library import lora_from_adapters_tree
+  from phatgoose_jax.methods import polytropon as poly
+  from phatgoose_jax.models import Transformer
+  ctx, tokens = _tiny()
+  pcfg = poly.PolytroponConfig(num_tasks=2, num_skills=4, num_heads=2, rank=3)
+  model = Transformer(ctx.t5_config, poly.make_poly_site_factory(pcfg))
+  ids = np.zeros((3,), np.int32)
+  init = model.init({"params": jax.random.key(2)}, tokens[0], tokens[1], tokens[1],
+                    enable_dropout=False, site_inputs={"task_ids": ids})
+  rng = np.random.default_rng(2)
+  adapters = jax.tree.map(lambda x: rng.normal(0, 0.5, x.shape).astype(np.float32),
+                          jax.device_get(init["adapters"]))  # nonzero skills_b and Z
+  uniform = Transformer(ctx.t5_config, poly.make_poly_site_factory(
+      dataclasses.replace(pcfg, routing="uniform")))
+  expected = _logits(uniform, {"params": ctx.params, "adapters": adapters}, tokens)
+  merged, _ = lora_from_adapters_tree(poly.merge_skills(adapters))
+  got = _logits(demo_methods.lora_model(ctx), dmm._padded_lora(ctx, merged, 3), tokens)
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+  # The mean-Z row (id 2) routes differently from task 0's own row.
+  grown = {"params": ctx.params, "adapters": poly.add_task_rows(adapters, 1, "mean")}
+  mean_row = _logits(model, grown, tokens, task_ids=np.full((3,), 2, np.int32))
+  own_row = _logits(model, grown, tokens, task_ids=ids)
+  assert np.abs(mean_row - own_row).max() > 1e-4
+
+
+def test_sample_batches_cover_the_union_each_epoch():
+  from phatgoose_jax import demo_multitask_methods as dmm
+  data = {"task_ids": np.arange(10, dtype=np.int32), "x": np.arange(10) * 2}
+  batches = list(dmm.sample_batches(data, 4, 5, seed=0))
+  assert len(batches) == 5 and all(len(b["task_ids"]) == 4 for b in batches)
+  assert all(np.array_equal(b["x"], b["task_ids"] * 2) for b in batches)  # rows stay aligned
+  first = np.concatenate([b["task_ids"] for b in batches])[:10]
+  assert sorted(first) == list(range(10))  # one full epoch before any repeat
+  again = list(dmm.sample_batches(data, 4, 5, seed=0))
+  assert all(np.array_equal(a["x"], b["x"]) for a, b in zip(batches, again))
+
+
+def test_poly_rank_above_lora_rank_is_refused():
+  import dataclasses
+  from phatgoose_jax import demo_multitask_methods as dmm
+  ctx, _ = _tiny()
+  ctx.cfg = dataclasses.replace(ctx.cfg, poly_rank=ctx.cfg.rank + 1)
+  with pytest.raises(demo.DemoError, match="poly_rank"):
+    dmm.run_poly(ctx)
