@@ -20,7 +20,8 @@ Per site the flop floor over the base ``2*T*D*F`` is ``2*T*K*R*(D+F)`` (LoRA) pl
             with E: ~10 s per call at E=166), one site at E=36 and 166;
   train     expert LoRA training step (tokens/s) vs a full-model step;
   scaling   library bytes per device on 1 vs 8 emulated devices (subprocess with
-            XLA_FLAGS=--xla_force_host_platform_device_count=8); routed time for E = 10 .. 1000.
+            XLA_FLAGS=--xla_force_host_platform_device_count=8); routed time (auto) for
+            E = 10 .. 1000 and its growth, next to the growth of base + router alone.
 
 Base parameters are random N(0, 0.05^2) drawn by numpy once per run; whole-model programs are
 compiled two at a time (`compile_all`) before timing.
@@ -59,7 +60,7 @@ from phatgoose_jax.models import T5Config  # noqa: E402
 from phatgoose_jax.routing import fused  # noqa: E402
 
 PARTS = ("site", "forward", "decode", "official", "train", "scaling")
-SITE_BACKENDS = ("dense", "gather", "sorted")
+SITE_BACKENDS = ("dense", "gather", "sorted", "chunked_gather")
 K, R = 2, 16
 
 
@@ -552,20 +553,32 @@ def bench_scaling(cfg: Settings) -> list:
                      devices=eight["devices"], target=0.125))
   t = cfg.scaling_tokens
   d = f = cfg.site_dims[0][0]
-  times = {}
+  times, router_times = {}, {}
   for e in cfg.scaling_experts:
     x, w, a, b, g, s = _site_problem(t, d, f, e)
-    fns = {"base": _base, "routed": functools.partial(_routed, backend="auto")}
-    args = {"base": (x, w), "routed": (x, w, a, b, g, s)}
+    fns = {"base": _base, "routed": functools.partial(_routed, backend="auto"),
+           "router": _base_and_router}
+    args = {"base": (x, w), "routed": (x, w, a, b, g, s), "router": (x, w, g)}
     tm = time_pair(fns, args, cfg.repeats)
     times[e] = tm["routed"]
+    router_times[e] = tm["router"]
     recs.append(record("scaling_experts", "auto", e, t, (d, f), tm["routed"] / tm["base"],
-                       floor=floor(d, f, e), seconds=tm["routed"],
-                       chosen=rt.choose_backend(t, d, e, R, K)))
+                       floor=floor(d, f, e), seconds=tm["routed"], base_seconds=tm["base"],
+                       router_seconds=tm["router"], chosen=rt.choose_backend(t, d, e, R, K)))
   lo, hi = min(times), max(times)
   recs.append(record("scaling_growth", "auto", hi, t, (d, f), times[hi] / times[lo],
                      from_experts=lo, note=f"time(E={hi}) / time(E={lo})"))
+  # The same growth for base + router only (no LoRA): the part no LoRA backend can remove.
+  recs.append(record("scaling_growth_router", "router", hi, t, (d, f),
+                     router_times[hi] / times[lo], from_experts=lo,
+                     note=f"(base + router)(E={hi}) / routed time(E={lo})"))
   return recs
+
+
+@jax.jit
+def _base_and_router(x, w, g):
+  routing = rt.phatgoose_route(x, g, K)
+  return x @ w, routing.indices, routing.weights
 
 
 # ----------------------------------------------------------------------------- main

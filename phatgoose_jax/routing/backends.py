@@ -28,6 +28,15 @@ leading dims:
         matmul runs over the G <= ceil(N/S) + min(E, N) blocks.
     Both are exact (no token is ever dropped). ``block_rows`` without ``capacity_factor``, or
     ``capacity_factor=0``, forces the block-padded path.
+  * ``chunked_gather``: for many experts on CPU. The N assignments are sorted by expert and
+    processed in chunks of Nc (``lax.map``); each chunk gathers its Nc rows of ``x`` and its
+    experts' ``A [Nc, D, R]`` / ``B [Nc, R, F]`` (kept <= 12 MB, see
+    ``gather_chunk_assignments``), applies them row by row and the K outputs of each token are
+    gathered back and summed. Cost ~ N*R*(D+F) flops plus N*R*(D+F) gathered weights, whatever
+    E: no per-expert padding or per-expert matmul, which dominate ``sorted`` when each expert
+    sees only a few rows (E=1000, T=1024: ~2 rows per expert). Sorting makes consecutive
+    gathers of one expert hit the cache. Gradients w.r.t. ``A``/``B`` are scatter-adds of the
+    per-chunk gathers into [E, D, R] / [E, R, F].
   * ``auto``: see ``choose_backend``.
 
 Numerics: the LoRA matmuls run in ``x.dtype`` (the compute dtype; ``lora_a``/``lora_b`` are cast
@@ -45,21 +54,25 @@ import numpy as np
 
 from phatgoose_jax.routing.types import Routing, RoutingError, check_routing
 
-BACKENDS = ("auto", "oracle", "dense", "gather", "sorted")
+BACKENDS = ("auto", "oracle", "dense", "gather", "sorted", "chunked_gather")
 Scale = Union[float, jax.Array]
 
 # Heuristic thresholds for choose_backend (see its docstring).
 _GATHER_MAX_ASSIGNMENTS = 128
 _DENSE_MIN_COLUMNS = 256
+# CPU: 'chunked_gather' below this many assignments per expert in a 'sorted' token chunk.
+_CHUNKED_GATHER_MAX_ROWS_PER_EXPERT = 5
 # Capacity of the CPU 'sorted' fast path, as a multiple of the mean rows per expert N/E.
 DEFAULT_CAPACITY_FACTOR = 1.5
 # Byte budget of one [E*C, max(D, F)] float32 grid in the chunked CPU 'sorted' path.
 _CHUNK_BYTES = 16 << 20
+# Byte budget of the weights one 'chunked_gather' chunk gathers ([Nc, D, R] + [Nc, R, F]).
+_GATHER_CHUNK_BYTES = 12 << 20
 
 
 def choose_backend(num_tokens: int, dim_in: int, num_experts: int, rank: int, top_k: int,
                    platform: str | None = None) -> str:
-  """The backend ``'auto'`` uses, from static shapes and the platform.
+  """The backend ``'auto'`` uses, from static shapes and the platform (deterministic).
 
   1. ``T*K <= 128`` (decoding steps, tiny batches): ``gather``; the gathered weights are small
      and no E-wide work is done.
@@ -67,7 +80,15 @@ def choose_backend(num_tokens: int, dim_in: int, num_experts: int, rank: int, to
      layer wide, so two plain GEMMs beat any sort/gather overhead even though they spend E/K
      times the necessary flops.
   3. GPU/TPU with many experts: ``sorted`` (``ragged_dot`` grouped GEMM, ~T*K*R*(D+F) flops).
-  4. CPU with many experts: ``sorted`` (block-padded fallback) when E/K > 8, else ``dense``.
+  4. CPU with many experts, by the mean assignments per expert in one token chunk of the CPU
+     ``sorted`` path, ``m = Tc*K/E`` (``Tc = sorted_chunk_tokens(T, K, D, 1.5)``, 1024 at
+     D=768): ``chunked_gather`` when ``m < 5`` (``sorted``'s per-expert matmuls would be tiny,
+     mostly capacity padding, and XLA:CPU runs a batch of ~1000 of them slowly; the cost of
+     ``chunked_gather`` does not grow with E), else ``sorted`` when E/K > 8, else ``dense``.
+     Measured (2 CPU cores, D=768, R=16, K=2; docs/benchmarks.md "Backend choice on CPU"):
+     ``chunked_gather`` wins at m=0.26-2 (E=1000, any T: 1.4-10x), m=0.85-1.5 (E=300/166,
+     T=128) and m=4.1 (E=500, T=1024: 1.4x); ties at m=2.6 (E=100, T=128); ``sorted`` wins at
+     m=6.8 (E=300, T=1024: 1.3x), m=7.1 (E=36, T=128: 2.8x) and m >= 12.
 
   Args:
     num_tokens: T (product of the leading dims).
@@ -78,7 +99,7 @@ def choose_backend(num_tokens: int, dim_in: int, num_experts: int, rank: int, to
     platform: ``jax.default_backend()`` when None.
 
   Returns:
-    ``'dense'``, ``'gather'`` or ``'sorted'`` (never ``'oracle'``).
+    ``'dense'``, ``'gather'``, ``'sorted'`` or ``'chunked_gather'`` (never ``'oracle'``).
   """
   platform = platform or jax.default_backend()
   if num_tokens * top_k <= _GATHER_MAX_ASSIGNMENTS:
@@ -87,6 +108,9 @@ def choose_backend(num_tokens: int, dim_in: int, num_experts: int, rank: int, to
     return "dense"
   if platform in ("gpu", "cuda", "rocm", "tpu"):
     return "sorted"
+  chunk = sorted_chunk_tokens(num_tokens, top_k, dim_in, DEFAULT_CAPACITY_FACTOR)
+  if chunk * top_k < _CHUNKED_GATHER_MAX_ROWS_PER_EXPERT * num_experts:
+    return "chunked_gather"
   return "sorted" if num_experts > 8 * top_k else "dense"
 
 
@@ -328,7 +352,74 @@ def _sorted(x, a, b, idx, w, scale, use_ragged_dot=None, block_rows=None, capaci
   return jnp.sum(y, axis=1)
 
 
-_IMPLS = {"oracle": _oracle, "dense": _dense, "gather": _gather, "sorted": _sorted}
+def gather_chunk_assignments(num_assignments: int, dim_in: int, dim_out: int, rank: int,
+                             itemsize: int = 4) -> int:
+  """Nc, assignments per ``chunked_gather`` chunk: the gathered ``A``/``B`` stay <= 12 MB.
+
+  A power of two >= 8 with ``Nc * R * (D + F) * itemsize <= 12 MB`` (below glibc's mmap threshold,
+  so the chunk buffers are reused instead of page-faulted on every call), or N itself when N is
+  smaller. Measured on 2 CPU cores at E=1000 (docs/benchmarks.md): 4-8 MB and 12 MB chunks ran
+  alike, 25 MB ones ~30% slower at F=2048.
+  """
+  per_row = max(1, rank * (dim_in + dim_out) * itemsize)
+  rows = max(8, _GATHER_CHUNK_BYTES // per_row)
+  rows = 1 << (int(rows).bit_length() - 1)
+  return int(max(1, min(num_assignments, rows)))
+
+
+def _chunked_gather(x, a, b, idx, w, scale, chunk_assignments=None):
+  """Assignments sorted by expert, in chunks of Nc; each chunk gathers its experts' A/B.
+
+  Args:
+    x: [T, D].
+    a: [E, D, R].
+    b: [E, R, F].
+    idx: [T, K] expert ids.
+    w: [T, K] routing weights (float32).
+    scale: [E] float32.
+    chunk_assignments: Nc (static); default ``gather_chunk_assignments``.
+
+  Returns:
+    [T, F].
+  """
+  t, k = idx.shape
+  n = t * k
+  f = b.shape[-1]
+  if chunk_assignments is None:
+    nc = gather_chunk_assignments(n, a.shape[1], f, a.shape[2], jnp.dtype(x.dtype).itemsize)
+  else:
+    nc = max(1, min(int(chunk_assignments), n))
+  coef = _coefficients(idx, w, scale, x.dtype).reshape(n)  # [N]
+  flat_ids = idx.reshape(n)  # [N]
+  order = jnp.argsort(flat_ids, stable=True).astype(jnp.int32)  # [N] sorted pos -> assignment
+  chunks = -(-n // nc)
+  # Padded positions recompute assignment 0; their rows are never read back (no value/gradient).
+  order_pad = jnp.pad(order, (0, chunks * nc - n)).reshape(chunks, nc)  # [chunks, Nc]
+
+  def chunk(rows):  # rows: [Nc] assignment ids
+    experts = flat_ids[rows]  # [Nc]
+    xs = jnp.take(x, rows // k, axis=0)  # [Nc, D]
+    h = jnp.einsum("nd,ndr->nr", xs, jnp.take(a, experts, axis=0))  # [Nc, R]
+    h = h * coef[rows][:, None]  # coefficient on the narrow side
+    return jnp.einsum("nr,nrf->nf", h, jnp.take(b, experts, axis=0))  # [Nc, F]
+
+  if chunks == 1:
+    ys = chunk(order_pad[0])  # [N, F]
+  else:
+    ys = jax.lax.map(chunk, order_pad).reshape(chunks * nc, f)  # [chunks*Nc, F] sorted order
+  rank = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))  # [N]
+  rank = rank.reshape(t, k)  # [T, K] sorted position of each assignment
+  out = ys[rank[:, 0]]  # [T, F]; per-k row gathers fuse with the sum
+  for j in range(1, k):
+    out = out + ys[rank[:, j]]
+  return out
+
+
+_IMPLS = {"oracle": _oracle, "dense": _dense, "gather": _gather, "sorted": _sorted,
+          "chunked_gather": _chunked_gather}
+# Keyword options each backend accepts through ``routed_lora(**backend_kwargs)``.
+_OPTIONS = {"sorted": ("use_ragged_dot", "block_rows", "capacity_factor", "chunk_tokens"),
+            "chunked_gather": ("chunk_assignments",)}
 
 
 def routed_lora(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array, routing: Routing,
@@ -346,9 +437,12 @@ def routed_lora(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array, routing: Rou
     routing: Routing with indices/weights [..., K] matching ``x``'s leading dims.
     scale: python float, scalar, or [E] per-expert scale (imported experts may differ, e.g.
       ``alpha / r`` of each PEFT adapter, or PHATGOOSE's ``1 / d_bottleneck``).
-    backend: one of ``'auto'``, ``'oracle'``, ``'dense'``, ``'gather'``, ``'sorted'``.
-    **backend_kwargs: passed to the ``'sorted'`` backend (``use_ragged_dot``, ``block_rows``,
-      ``capacity_factor``, ``chunk_tokens``; CPU path options, see the module docstring).
+    backend: one of ``'auto'``, ``'oracle'``, ``'dense'``, ``'gather'``, ``'sorted'``,
+      ``'chunked_gather'``.
+    **backend_kwargs: options of ``'sorted'`` (``use_ragged_dot``, ``block_rows``,
+      ``capacity_factor``, ``chunk_tokens``; CPU path options, see the module docstring) or of
+      ``'chunked_gather'`` (``chunk_assignments``). Under ``'auto'`` the options of the backends
+      it does not pick are ignored.
 
   Returns:
     [..., F] in ``x.dtype``.
@@ -371,8 +465,11 @@ def routed_lora(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array, routing: Rou
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise RoutingError(f"routed_lora: x must be floating point, got dtype {x.dtype}")
   check_routing(routing, x.shape[:-1], "routed_lora: routing")
-  if backend_kwargs and backend not in ("sorted", "auto"):
-    raise RoutingError(f"routed_lora: backend {backend!r} takes no options {sorted(backend_kwargs)}")
+  allowed = (sum(_OPTIONS.values(), ()) if backend == "auto" else _OPTIONS.get(backend, ()))
+  unknown = sorted(set(backend_kwargs) - set(allowed))
+  if unknown:
+    raise RoutingError(f"routed_lora: backend {backend!r} takes no options {unknown} "
+                       f"(accepted: {sorted(allowed)})")
   batch_shape = x.shape[:-1]
   num_tokens = int(np.prod(batch_shape, dtype=np.int64))
   top_k = routing.top_k
@@ -385,6 +482,7 @@ def routed_lora(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array, routing: Rou
   w = w.astype(jnp.promote_types(w.dtype, jnp.float32))
   a = lora_a.astype(x.dtype)
   b = lora_b.astype(x.dtype)
-  kwargs = backend_kwargs if backend == "sorted" else {}
+  # Under 'auto', options of the backends it did not pick are dropped.
+  kwargs = {key: v for key, v in backend_kwargs.items() if key in _OPTIONS.get(backend, ())}
   out = _IMPLS[backend](x2, a, b, idx, w, scale_vec, **kwargs)  # [T, F]
   return out.astype(x.dtype).reshape(batch_shape + (lora_b.shape[-1],))

@@ -19,6 +19,9 @@ VARIANTS = {
     "gather": ("gather", {}),
     "sorted_blocked": ("sorted", {"use_ragged_dot": False, "block_rows": 2}),
     "sorted_ragged": ("sorted", {"use_ragged_dot": True}),
+    "chunked_gather": ("chunked_gather", {}),
+    # 3 assignments per chunk: several chunks, a padded last one, experts split across chunks.
+    "chunked_gather_3": ("chunked_gather", {"chunk_assignments": 3}),
     "auto": ("auto", {}),
 }
 
@@ -115,7 +118,7 @@ def test_jit(name):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["oracle", "dense", "gather", "sorted"])
+@pytest.mark.parametrize("backend", ["oracle", "dense", "gather", "sorted", "chunked_gather"])
 def test_single_expert_is_plain_lora(backend):
   rng = np.random.default_rng(5)
   x = rng.normal(size=(2, 3, D)).astype(np.float32)
@@ -130,7 +133,7 @@ def test_bfloat16_compute_dtype():
   x, a, b, r = _problem(seed=6)
   xb = jnp.asarray(x, jnp.bfloat16)
   want = rt.routed_lora(x, a, b, r, 1.0, backend="oracle")
-  for backend in ("oracle", "dense", "gather", "sorted"):
+  for backend in ("oracle", "dense", "gather", "sorted", "chunked_gather"):
     got = rt.routed_lora(xb, a, b, r, 1.0, backend=backend)
     assert got.dtype == jnp.bfloat16, backend
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), rtol=0.1,
@@ -141,7 +144,8 @@ def test_auto_picks_a_valid_backend():
   for shape in [(1, 13, 5, 3, 2), (4096, 1024, 500, 16, 2), (4096, 4096, 8, 16, 2),
                 (4096, 1024, 500, 16, 2)]:
     for platform in ("cpu", "gpu", "tpu"):
-      assert rt.choose_backend(*shape, platform=platform) in ("dense", "gather", "sorted")
+      assert rt.choose_backend(*shape, platform=platform) in ("dense", "gather", "sorted",
+                                                              "chunked_gather")
   assert rt.choose_backend(1, 1024, 500, 16, 2, platform="gpu") == "gather"
   assert rt.choose_backend(4096, 4096, 8, 16, 2, platform="gpu") == "dense"
   assert rt.choose_backend(4096, 1024, 500, 16, 2, platform="gpu") == "sorted"
@@ -172,7 +176,13 @@ def test_bad_inputs_raise_clear_errors():
     rt.routed_lora(x, a, b, rt.Routing(r.weights, r.weights), 1.0)
   with pytest.raises(rt.RoutingError, match="takes no options"):
     rt.routed_lora(x, a, b, r, 1.0, backend="dense", block_rows=4)
-  assert set(bk.BACKENDS) == {"auto", "oracle", "dense", "gather", "sorted"}
+  with pytest.raises(rt.RoutingError, match="chunk_assignments"):
+    rt.routed_lora(x, a, b, r, 1.0, backend="sorted", chunk_assignments=4)
+  with pytest.raises(rt.RoutingError, match="takes no options"):
+    rt.routed_lora(x, a, b, r, 1.0, backend="chunked_gather", block_rows=4)
+  with pytest.raises(rt.RoutingError, match="chunk_size"):
+    rt.routed_lora(x, a, b, r, 1.0, backend="auto", chunk_size=4)
+  assert set(bk.BACKENDS) == {"auto", "oracle", "dense", "gather", "sorted", "chunked_gather"}
 
 
 @pytest.fixture
@@ -185,7 +195,8 @@ def enable_x64():
     jax.config.update("jax_enable_x64", previous)
 
 
-@pytest.mark.parametrize("name", ["dense", "gather", "sorted_blocked", "sorted_ragged"])
+@pytest.mark.parametrize("name", ["dense", "gather", "sorted_blocked", "sorted_ragged",
+                                  "chunked_gather", "chunked_gather_3"])
 def test_float64_matches_numpy_tightly(enable_x64, name):
   x, a, b, r = _problem(seed=10, lead=(2, 3), dtype=np.float64, duplicates=True)
   assert r.weights.dtype == jnp.float64
@@ -194,3 +205,51 @@ def test_float64_matches_numpy_tightly(enable_x64, name):
   assert got.dtype == jnp.float64
   np.testing.assert_allclose(np.asarray(got), _numpy_reference(x, a, b, r, scale), rtol=1e-10,
                              atol=1e-10)
+
+
+def test_chunked_gather_gradients_with_one_expert_in_every_chunk():
+  """Expert 0 is in every token, so its A/B gradients sum scatter-adds from every chunk."""
+  rng = np.random.default_rng(11)
+  t = 37
+  x = jnp.asarray(rng.normal(size=(t, D)).astype(np.float32))
+  a = jnp.asarray(rng.normal(size=(E, D, R)).astype(np.float32))
+  b = jnp.asarray(rng.normal(size=(E, R, F)).astype(np.float32))
+  idx = jnp.asarray(np.stack([np.zeros(t), rng.integers(0, E, size=t)], -1), jnp.int32)
+  w = jnp.asarray(rng.random((t, K)).astype(np.float32))
+  scale = jnp.linspace(0.5, 1.5, E)
+
+  def loss(backend, x, a, b, w, **kw):
+    out = rt.routed_lora(x, a, b, rt.Routing(idx, w), scale, backend=backend, **kw)
+    return jnp.sum(jnp.sin(out))
+
+  want = jax.grad(functools.partial(loss, "oracle"), argnums=(0, 1, 2, 3))(x, a, b, w)
+  fn = functools.partial(loss, "chunked_gather", chunk_assignments=8)
+  got = jax.jit(jax.grad(fn, argnums=(0, 1, 2, 3)))(x, a, b, w)
+  for g_name, g, ref in zip(("x", "lora_a", "lora_b", "weights"), got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=1e-4, atol=1e-4,
+                               err_msg=g_name)
+
+
+def test_gather_chunk_assignments_keeps_the_byte_budget():
+  for d, f in [(768, 768), (768, 2048), (2048, 768), (13, 11)]:
+    nc = bk.gather_chunk_assignments(1 << 20, d, f, 16)
+    assert nc & (nc - 1) == 0 and nc >= 8
+    assert nc * 16 * (d + f) * 4 <= bk._GATHER_CHUNK_BYTES or nc == 8
+    assert 2 * nc * 16 * (d + f) * 4 > bk._GATHER_CHUNK_BYTES  # the largest power of two
+  assert bk.gather_chunk_assignments(5, 768, 768, 16) == 5  # never more than N
+
+
+def test_auto_on_cpu_follows_the_measured_table():
+  # docs/benchmarks.md "Backend choice on CPU": many experts -> chunked_gather, few -> dense.
+  cpu = functools.partial(rt.choose_backend, platform="cpu")
+  assert cpu(1024, 768, 1000, 16, 2) == "chunked_gather"
+  assert cpu(4096, 768, 1000, 16, 2) == "chunked_gather"
+  assert cpu(128, 768, 1000, 16, 2) == "chunked_gather"
+  assert cpu(128, 768, 166, 16, 2) == "chunked_gather"  # ~1.5 rows per expert
+  assert cpu(1024, 768, 500, 16, 2) == "chunked_gather"  # ~4 rows per expert
+  assert cpu(1024, 768, 300, 16, 2) == "sorted"  # ~7 rows per expert
+  assert cpu(4096, 768, 166, 16, 2) == "sorted"  # 1024-token chunks, ~12 rows per expert
+  assert cpu(1024, 768, 10, 16, 2) == "dense"
+  assert cpu(8, 768, 1000, 16, 2) == "gather"  # decoding step
+  # Accelerators never get the CPU-only backend.
+  assert rt.choose_backend(1024, 768, 1000, 16, 2, platform="gpu") == "sorted"
