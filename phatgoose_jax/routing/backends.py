@@ -62,10 +62,16 @@ _GATHER_MAX_ASSIGNMENTS = 128
 _DENSE_MIN_COLUMNS = 256
 # CPU: 'chunked_gather' below this many assignments per expert in a 'sorted' token chunk.
 _CHUNKED_GATHER_MAX_ROWS_PER_EXPERT = 5
+# CPU: 'chunked_gather' from this many experts on, whatever T (robust to unbalanced routing).
+_CHUNKED_GATHER_MIN_EXPERTS = 128
 # Capacity of the CPU 'sorted' fast path, as a multiple of the mean rows per expert N/E.
 DEFAULT_CAPACITY_FACTOR = 1.5
 # Byte budget of one [E*C, max(D, F)] float32 grid in the chunked CPU 'sorted' path.
 _CHUNK_BYTES = 16 << 20
+# Per-expert-overhead floor of the CPU 'sorted' token chunk: >= this many assignments per
+# expert, up to this many tokens (see sorted_chunk_tokens).
+_CHUNK_ROWS_PER_EXPERT = 16
+_CHUNK_MAX_TOKENS_FOR_EXPERTS = 1024
 # Byte budget of the weights one 'chunked_gather' chunk gathers ([Nc, D, R] + [Nc, R, F]).
 _GATHER_CHUNK_BYTES = 12 << 20
 
@@ -76,19 +82,24 @@ def choose_backend(num_tokens: int, dim_in: int, num_experts: int, rank: int, to
 
   1. ``T*K <= 128`` (decoding steps, tiny batches): ``gather``; the gathered weights are small
      and no E-wide work is done.
-  2. ``E*R <= max(256, D/2)``: ``dense``; the concatenated LoRA is at most about half a base
-     layer wide, so two plain GEMMs beat any sort/gather overhead even though they spend E/K
-     times the necessary flops.
+  2. ``E*R <= 256``: ``dense``; the concatenated LoRA is narrow, so two plain GEMMs beat any
+     sort/gather overhead even though they spend E/K times the necessary flops. (The former
+     ``E*R <= D/2`` clause picked ``dense`` for 2048->768 at E=36, where CPU ``sorted`` measured
+     1.90 vs 4.26 ms at T=128, 14.2 vs 17.6 ms at T=1024 and 59.6 vs 65.3 ms at T=4096.)
   3. GPU/TPU with many experts: ``sorted`` (``ragged_dot`` grouped GEMM, ~T*K*R*(D+F) flops).
-  4. CPU with many experts, by the mean assignments per expert in one token chunk of the CPU
-     ``sorted`` path, ``m = Tc*K/E`` (``Tc = sorted_chunk_tokens(T, K, D, 1.5)``, 1024 at
-     D=768): ``chunked_gather`` when ``m < 5`` (``sorted``'s per-expert matmuls would be tiny,
-     mostly capacity padding, and XLA:CPU runs a batch of ~1000 of them slowly; the cost of
-     ``chunked_gather`` does not grow with E), else ``sorted`` when E/K > 8, else ``dense``.
-     Measured (2 CPU cores, D=768, R=16, K=2; docs/benchmarks.md "Backend choice on CPU"):
-     ``chunked_gather`` wins at m=0.26-2 (E=1000, any T: 1.4-10x), m=0.85-1.5 (E=300/166,
-     T=128) and m=4.1 (E=500, T=1024: 1.4x); ties at m=2.6 (E=100, T=128); ``sorted`` wins at
-     m=6.8 (E=300, T=1024: 1.3x), m=7.1 (E=36, T=128: 2.8x) and m >= 12.
+  4. CPU with many experts: ``chunked_gather`` when ``E >= 128`` or when the mean assignments
+     per expert in one token chunk of the CPU ``sorted`` path, ``m = min(T, Tc)*K/E``
+     (``Tc = sorted_chunk_tokens(T, K, D, 1.5, E)``), is below 5; else ``sorted`` when
+     E/K > 8, else ``dense``. ``sorted`` is fast only while no expert overflows its capacity
+     grid (otherwise its block-padded fallback runs, ~2x slower); ``chunked_gather`` costs the
+     same whatever the routing, and does not grow with E. Measured (2 CPU cores, R=16, K=2;
+     docs/benchmarks.md "Backend choice on CPU"): whole T5-base forward at E=166 (where the
+     synthetic library's routing overflows the capacity in most layers) 2.16x base with
+     ``chunked_gather`` at the T=1024 sites vs 2.43-2.62x with ``sorted``; one site with
+     balanced random routing at E=166 still favours ``sorted`` by 1.1-1.4x (T=1024-4096), the
+     price of the robust choice. ``chunked_gather`` wins at m < 5 (E=1000 any T: 1.4-10x;
+     E=166, T=128: 2.9 / 5.1 vs 7.4 / 4.8-8.7 ms at 768->2048 / 2048->768); ``sorted`` at
+     E=36 (T=128: 2-3x; T=1024: 1.3-2.5x).
 
   Args:
     num_tokens: T (product of the leading dims).
@@ -104,12 +115,13 @@ def choose_backend(num_tokens: int, dim_in: int, num_experts: int, rank: int, to
   platform = platform or jax.default_backend()
   if num_tokens * top_k <= _GATHER_MAX_ASSIGNMENTS:
     return "gather"
-  if num_experts * rank <= max(_DENSE_MIN_COLUMNS, dim_in // 2):
+  if num_experts * rank <= _DENSE_MIN_COLUMNS:
     return "dense"
   if platform in ("gpu", "cuda", "rocm", "tpu"):
     return "sorted"
-  chunk = sorted_chunk_tokens(num_tokens, top_k, dim_in, DEFAULT_CAPACITY_FACTOR)
-  if chunk * top_k < _CHUNKED_GATHER_MAX_ROWS_PER_EXPERT * num_experts:
+  chunk = sorted_chunk_tokens(num_tokens, top_k, dim_in, DEFAULT_CAPACITY_FACTOR, num_experts)
+  if (num_experts >= _CHUNKED_GATHER_MIN_EXPERTS
+      or min(num_tokens, chunk) * top_k < _CHUNKED_GATHER_MAX_ROWS_PER_EXPERT * num_experts):
     return "chunked_gather"
   return "sorted" if num_experts > 8 * top_k else "dense"
 
@@ -284,17 +296,48 @@ def _grouped_capacity(x, a, b, idx, coef, capacity):
   return out
 
 
-def sorted_chunk_tokens(num_tokens: int, top_k: int, dim: int, capacity_factor: float) -> int:
-  """Tokens per chunk of the CPU 'sorted' path: the ``[E*C, max(D, F)]`` grid stays near 16 MB.
+def sorted_chunk_tokens(num_tokens: int, top_k: int, dim: int, capacity_factor: float,
+                        num_experts: int | None = None) -> int:
+  """Tokens per chunk of the CPU 'sorted' path (Tc), a power of two >= 128 (or T when smaller).
 
-  XLA:CPU buffers above glibc's mmap threshold (32 MB at most) are mapped fresh on every call
-  and pay a page fault per 4 KB page (~0.4 ms/MB measured), which dominated the routed LoRA
-  at T=4096. Chunking the tokens keeps each grid small and reuses it across loop iterations.
-  Returns a power of two >= 128 (or T itself when T is smaller).
+  Two measured effects set Tc (2 CPU cores, docs/benchmarks.md "Token chunk of the CPU
+  'sorted' path"):
+
+  * buffer size: XLA:CPU buffers above glibc's mmap threshold (32 MB at most) are mapped fresh
+    on every call and pay a page fault per 4 KB page (~0.4 ms/MB), and smaller grids stay in
+    cache. Tc is the largest power of two whose ``[E, C, max(D, F)]`` float32 grid, with the
+    capacity ``C = sorted_capacity(Tc*K, E, cf)`` margin included, fits 16 MB;
+  * per-expert overhead: every chunk runs E-wide batched matmuls whose fixed cost grows with E,
+    so Tc is at least ``16*E/K`` (about 16 assignments per expert), capped at 1024. At E=166 and
+    T=1024, Tc=1024 measured 12.8 / 26.3 / 28.3 ms (768->768 / 768->2048 / 2048->768) against
+    14.3 / 31.2 / 30.8 ms at Tc=512; at E=36, 768->2048, Tc=256 measured 10.7 ms vs 19.7 ms at
+    Tc=512 (whose 19 MB grid exceeds the budget).
+
+  Without ``num_experts`` (legacy call) the grid is estimated as ``cf*Tc*K`` rows, ignoring the
+  capacity margin and the per-expert term.
+
+  Args:
+    num_tokens: T.
+    top_k: K.
+    dim: max(D, F).
+    capacity_factor: cf of ``sorted_capacity``.
+    num_experts: E; None for the legacy estimate.
+
+  Returns:
+    Tc.
   """
-  rows = _CHUNK_BYTES // (4 * max(1, dim))  # grid rows that fit the budget
-  tokens = max(128, int(rows / max(1e-6, capacity_factor * top_k)))
-  tokens = 1 << (tokens.bit_length() - 1)
+  row_bytes = 4 * max(1, dim)
+  if num_experts is None:
+    rows = _CHUNK_BYTES // row_bytes  # grid rows that fit the budget
+    tokens = max(128, int(rows / max(1e-6, capacity_factor * top_k)))
+  else:
+    tokens = 128
+    while (tokens < num_tokens and tokens < (1 << 16) and num_experts * sorted_capacity(
+        2 * tokens * top_k, num_experts, capacity_factor) * row_bytes <= _CHUNK_BYTES):
+      tokens *= 2
+    tokens = max(tokens, min(_CHUNK_MAX_TOKENS_FOR_EXPERTS,
+                             _CHUNK_ROWS_PER_EXPERT * num_experts // max(1, top_k)))
+  tokens = 1 << (int(tokens).bit_length() - 1)
   return num_tokens if num_tokens <= tokens else tokens
 
 
@@ -322,7 +365,7 @@ def _sorted(x, a, b, idx, w, scale, use_ragged_dot=None, block_rows=None, capaci
       s = sorted_block_rows(n, e) if block_rows is None else int(block_rows)
       return _grouped_blocked(x, a, b, idx, coef, max(1, min(s, n)))
     dim = max(a.shape[1], b.shape[2])
-    tc = (sorted_chunk_tokens(t, k, dim, capacity_factor) if chunk_tokens is None
+    tc = (sorted_chunk_tokens(t, k, dim, capacity_factor, e) if chunk_tokens is None
           else max(1, min(int(chunk_tokens), t)))
     nc = tc * k
     c = sorted_capacity(nc, e, capacity_factor)

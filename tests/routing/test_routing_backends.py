@@ -239,6 +239,21 @@ def test_gather_chunk_assignments_keeps_the_byte_budget():
   assert bk.gather_chunk_assignments(5, 768, 768, 16) == 5  # never more than N
 
 
+def test_sorted_chunk_tokens_grows_with_experts():
+  # Per-expert overhead: >= 8 assignments per expert (16 before rounding down to a power of
+  # two; capped at 1024 tokens); memory: the
+  # [E, C, dim] grid within 16 MB otherwise.
+  assert bk.sorted_chunk_tokens(4096, 2, 2048, 1.5, 166) == 1024
+  assert bk.sorted_chunk_tokens(4096, 2, 2048, 1.5, 36) == 256
+  assert bk.sorted_chunk_tokens(4096, 2, 768, 1.5, 36) == 1024
+  assert bk.sorted_chunk_tokens(100, 2, 768, 1.5, 166) == 100
+  for e in (36, 100, 166):
+    tc = bk.sorted_chunk_tokens(8192, 2, 2048, 1.5, e)
+    c = bk.sorted_capacity(tc * 2, e, 1.5)
+    assert tc & (tc - 1) == 0
+    assert e * c * 2048 * 4 <= bk._CHUNK_BYTES or tc * 2 >= 8 * e or tc == 128
+
+
 def test_auto_on_cpu_follows_the_measured_table():
   # docs/benchmarks.md "Backend choice on CPU": many experts -> chunked_gather, few -> dense.
   cpu = functools.partial(rt.choose_backend, platform="cpu")
@@ -247,8 +262,11 @@ def test_auto_on_cpu_follows_the_measured_table():
   assert cpu(128, 768, 1000, 16, 2) == "chunked_gather"
   assert cpu(128, 768, 166, 16, 2) == "chunked_gather"  # ~1.5 rows per expert
   assert cpu(1024, 768, 500, 16, 2) == "chunked_gather"  # ~4 rows per expert
-  assert cpu(1024, 768, 300, 16, 2) == "sorted"  # ~7 rows per expert
-  assert cpu(4096, 768, 166, 16, 2) == "sorted"  # 1024-token chunks, ~12 rows per expert
+  assert cpu(1024, 768, 300, 16, 2) == "chunked_gather"  # E >= 128
+  assert cpu(4096, 768, 166, 16, 2) == "chunked_gather"  # E >= 128 (whole-model measurement)
+  assert cpu(1024, 768, 100, 16, 2) == "sorted"  # 1024-token chunks, ~20 rows per expert
+  assert cpu(1024, 2048, 36, 16, 2) == "sorted"  # was 'dense' (E*R <= D/2), measured slower
+  assert cpu(128, 768, 36, 16, 2) == "sorted"  # decoder sites, ~7 rows per expert
   assert cpu(1024, 768, 10, 16, 2) == "dense"
   assert cpu(8, 768, 1000, 16, 2) == "gather"  # decoding step
   # Accelerators never get the CPU-only backend.
