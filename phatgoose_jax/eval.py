@@ -18,7 +18,6 @@ No tensors here, so no einsum letters are used.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
@@ -26,10 +25,10 @@ from typing import Any, Optional, Sequence
 
 import gin
 
+from phatgoose_jax import gin_utils
 from phatgoose_jax.adapters import AdapterConfig, build_model
 from phatgoose_jax.models.config import T5Config
 
-GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
 TRACED_ROUTERS = ("phatgoose", "average_activation", "arrow", "arrow_phatgoose")
 
 
@@ -183,39 +182,21 @@ def evaluate(mixture_or_task_name: str = gin.REQUIRED,
   return metrics
 
 
-def parse_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-  """(gin files, gin bindings) from ``--gin_file``, ``--gin_bindings`` and ``--gin.NAME=VALUE``."""
-  parser = argparse.ArgumentParser(prog="python -m phatgoose_jax.eval", add_help=True)
-  parser.add_argument("--gin_file", action="append", default=[])
-  parser.add_argument("--gin_bindings", action="append", default=[])
-  parser.add_argument("--gin_search_paths", action="append", default=[])
-  args, rest = parser.parse_known_args(list(argv))
-  bindings = list(args.gin_bindings)
-  for arg in rest:
-    if arg.startswith("--gin.") and "=" in arg:
-      bindings.append(arg[len("--gin."):])
-    else:
-      raise EvalConfigError(f"unknown flag {arg!r} (use --gin_file, --gin_bindings, --gin.X=Y)")
-  for path in [GIN_DIR, os.getcwd()] + list(args.gin_search_paths):
-    gin.add_config_file_search_path(path)
-  if not args.gin_file:
+def parse_flags(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
+  """(gin files, bindings, search paths) from t5x-style flags (`gin_utils.split_flags`)."""
+  files, bindings, paths, rest = gin_utils.split_flags(argv)
+  if rest:
+    raise EvalConfigError(f"unknown flag {rest[0]!r} (use --gin_file, --gin_bindings, --gin.X=Y)")
+  if not files:
     raise EvalConfigError("no --gin_file given (e.g. --gin_file=runs/eval.gin)")
-  files = []
-  for f in args.gin_file:  # resolve against the search paths ourselves (gin logs misses loudly)
-    found = next((os.path.join(d, f) for d in [""] + list(args.gin_search_paths) + [GIN_DIR]
-                  if os.path.isfile(os.path.join(d, f))), None)
-    if found is None:
-      raise EvalConfigError(f"--gin_file {f!r} not found (looked in ., {GIN_DIR} and "
-                            "--gin_search_paths)")
-    files.append(found)
-  return files, bindings
+  return files, bindings, paths
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   try:
-    files, bindings = parse_flags(argv)
-    gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
+    files, bindings, paths = parse_flags(argv)
+    gin_utils.parse_gin(files, bindings, paths, finalize=False)
     metrics = evaluate()
   except Exception as e:  # one line, no traceback  # pylint: disable=broad-except
     from phatgoose_jax.errors import clean_message  # pylint: disable=g-import-not-at-top
