@@ -33,10 +33,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import re
-import tempfile
 from typing import (Any, Iterable, List, Mapping, Optional, Protocol, Sequence,
                     runtime_checkable)
 
@@ -44,6 +44,7 @@ import gin
 import numpy as np
 
 from phatgoose_jax.data import preprocessors as prep
+from phatgoose_jax.library.format import write_file_atomic
 
 # Official code: ``v / (norm(v) + epsilon)`` with Router.epsilon = 1e-6.
 RETRIEVAL_EPS = 1e-6
@@ -252,18 +253,10 @@ def save_expert_embeddings(directory: str, name: str, embeddings: np.ndarray,
   if emb.ndim != 2:
     raise RetrievalError(f"expert {name!r}: embeddings must be [N, d], got {emb.shape}")
   path = os.path.join(directory, f"{name}.npz")
-  fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".npz.tmp", dir=directory)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, embeddings=emb, meta=np.asarray(json.dumps(
-          {"name": name, "embedder": embedder_name, "num_examples": int(emb.shape[0])})))
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  buffer = io.BytesIO()
+  np.savez(buffer, embeddings=emb, meta=np.asarray(json.dumps(
+      {"name": name, "embedder": embedder_name, "num_examples": int(emb.shape[0])})))
+  write_file_atomic(path, buffer.getvalue())  # temporary sibling, fsync, rename
   return path
 
 
