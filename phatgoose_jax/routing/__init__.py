@@ -15,6 +15,7 @@ from phatgoose_jax.routing.scores import phatgoose_route
 from phatgoose_jax.routing.scores import standardize
 from phatgoose_jax.routing.scores import top_k_routing
 from phatgoose_jax.routing.scores import uniform_routing
+from phatgoose_jax.routing.topk import top_k
 from phatgoose_jax.routing.types import Routing
 from phatgoose_jax.routing.types import RoutingError
 
@@ -32,6 +33,7 @@ __all__ = [
     "phatgoose_route",
     "routed_lora",
     "standardize",
+    "top_k",
     "top_k_routing",
     "uniform_routing",
 ]

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from phatgoose_jax.routing.scores import PHATGOOSE_TOPK_EPS, top_k_routing
+from phatgoose_jax.routing.topk import top_k as _top_k
 from phatgoose_jax.routing.types import Routing, RoutingError, check_top_k
 
 ARROW_VARIANTS = ("arrow", "phatgoose_baseline")
@@ -135,5 +136,5 @@ def arrow_route(x: jax.Array, prototypes: jax.Array, top_k: int,
     logits = jnp.abs(dots / temperature) * math.sqrt(1.0 / x.shape[-1])
     return top_k_routing(logits, k, renormalize_eps=renormalize_eps)
   logits = jnp.abs(dots) / temperature  # [..., E]
-  top_logits, indices = jax.lax.top_k(logits, k)  # [..., K]
+  top_logits, indices = _top_k(logits, k)  # [..., K] (== lax.top_k)
   return Routing(indices=indices.astype(jnp.int32), weights=jax.nn.softmax(top_logits, axis=-1))

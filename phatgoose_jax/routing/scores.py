@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from phatgoose_jax.routing.topk import top_k as _top_k
 from phatgoose_jax.routing.types import Routing, RoutingError, check_top_k
 
 # torch.nn.LayerNorm default eps, used by the official router's two layer norms.
@@ -81,7 +82,7 @@ def top_k_routing(logits: jax.Array, top_k: int,
   k = check_top_k(top_k, logits.shape[-1], "top_k_routing: top_k")
   logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
   probs = jax.nn.softmax(logits, axis=-1)  # [..., E]
-  weights, indices = jax.lax.top_k(probs, k)  # [..., K]
+  weights, indices = _top_k(probs, k)  # [..., K] (== lax.top_k; reductions for small K)
   if renormalize_eps is not None:
     weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + renormalize_eps)
   return Routing(indices=indices.astype(jnp.int32), weights=weights)
