@@ -23,10 +23,12 @@ leading dims:
       - the capacity fast path when every expert has <= C = ceil(cf*m + 4*sqrt(m)) of the
         chunk's assignments (m = Tc*K/E, cf = ``capacity_factor``, default 1.5): an
         [E, C] slot grid, two batched matmuls against A [E, D, R] / B [E, R, F] as stored;
-      - otherwise (``lax.cond``, exact) the block-padded path: each expert's segment is padded
-        to a multiple of S rows, each S-row block gathers its expert's A/B once and a batched
-        matmul runs over the G <= ceil(N/S) + min(E, N) blocks.
-    Both are exact (no token is ever dropped). ``block_rows`` without ``capacity_factor``, or
+      - otherwise (``lax.cond``, exact) a fallback (``fallback``, see ``sorted_fallback``):
+        ``'blocked'``, each expert's segment padded to a multiple of S rows, each S-row block
+        gathering its expert's A/B once, a batched matmul over the G <= ceil(N/S) + min(E, N)
+        blocks (E <= 64); or ``'chunked_gather'`` (below), whose cost does not depend
+        on E or on how skewed the routing is.
+    All are exact (no token is ever dropped). ``block_rows`` without ``capacity_factor``, or
     ``capacity_factor=0``, forces the block-padded path.
   * ``chunked_gather``: for many experts on CPU. The N assignments are sorted by expert and
     processed in chunks of Nc (``lax.map``); each chunk gathers its Nc rows of ``x`` and its
@@ -62,10 +64,10 @@ _GATHER_MAX_ASSIGNMENTS = 128
 _DENSE_MIN_COLUMNS = 256
 # CPU: 'chunked_gather' below this many assignments per expert in a 'sorted' token chunk.
 _CHUNKED_GATHER_MAX_ROWS_PER_EXPERT = 5
-# CPU: 'chunked_gather' from this many experts on, whatever T (robust to unbalanced routing).
-_CHUNKED_GATHER_MIN_EXPERTS = 128
 # Capacity of the CPU 'sorted' fast path, as a multiple of the mean rows per expert N/E.
 DEFAULT_CAPACITY_FACTOR = 1.5
+# CPU 'sorted': overflow fallback 'blocked' up to this many experts, else 'chunked_gather'.
+_BLOCKED_FALLBACK_MAX_EXPERTS = 64
 # Byte budget of one [E*C, max(D, F)] float32 grid in the chunked CPU 'sorted' path.
 _CHUNK_BYTES = 16 << 20
 # Per-expert-overhead floor of the CPU 'sorted' token chunk: >= this many assignments per
@@ -87,19 +89,21 @@ def choose_backend(num_tokens: int, dim_in: int, num_experts: int, rank: int, to
      ``E*R <= D/2`` clause picked ``dense`` for 2048->768 at E=36, where CPU ``sorted`` measured
      1.90 vs 4.26 ms at T=128, 14.2 vs 17.6 ms at T=1024 and 59.6 vs 65.3 ms at T=4096.)
   3. GPU/TPU with many experts: ``sorted`` (``ragged_dot`` grouped GEMM, ~T*K*R*(D+F) flops).
-  4. CPU with many experts: ``chunked_gather`` when ``E >= 128`` or when the mean assignments
-     per expert in one token chunk of the CPU ``sorted`` path, ``m = min(T, Tc)*K/E``
-     (``Tc = sorted_chunk_tokens(T, K, D, 1.5, E)``), is below 5; else ``sorted`` when
-     E/K > 8, else ``dense``. ``sorted`` is fast only while no expert overflows its capacity
-     grid (otherwise its block-padded fallback runs, ~2x slower); ``chunked_gather`` costs the
-     same whatever the routing, and does not grow with E. Measured (2 CPU cores, R=16, K=2;
-     docs/benchmarks.md "Backend choice on CPU"): whole T5-base forward at E=166 (where the
-     synthetic library's routing overflows the capacity in most layers) 2.16x base with
-     ``chunked_gather`` at the T=1024 sites vs 2.43-2.62x with ``sorted``; one site with
-     balanced random routing at E=166 still favours ``sorted`` by 1.1-1.4x (T=1024-4096), the
-     price of the robust choice. ``chunked_gather`` wins at m < 5 (E=1000 any T: 1.4-10x;
-     E=166, T=128: 2.9 / 5.1 vs 7.4 / 4.8-8.7 ms at 768->2048 / 2048->768); ``sorted`` at
-     E=36 (T=128: 2-3x; T=1024: 1.3-2.5x).
+  4. CPU with many experts: ``chunked_gather`` when the mean assignments per expert in one
+     token chunk of the CPU ``sorted`` path, ``m = min(T, Tc)*K/E`` (``Tc =
+     sorted_chunk_tokens(T, K, D, 1.5, E)``), is below 5; else ``sorted`` when E/K > 8, else
+     ``dense``. The CPU ``sorted`` path runs its capacity grid when no expert overflows it and
+     otherwise an exact fallback chosen by E (``sorted_fallback``: ``blocked`` up to 64
+     experts, else ``chunked_gather``), so a skewed routing costs about what
+     ``chunked_gather`` costs and a balanced one what the capacity grid costs. Measured (2 CPU
+     cores, R=16, K=2, routings traced from the benchmark's T5-base model; docs/benchmarks.md
+     "Backend choice on CPU"): E=166, T=1024, skewed sites ``sorted`` 10.3 / 12.3 / 5.4 ms vs
+     ``chunked_gather`` 10.0 / 12.3 / 5.3 ms (768->2048 / 2048->768 / 768->768), balanced
+     sites 3.5-4.0 vs 5.7-5.9 ms, T=4096 balanced 16.3 vs 23.9 ms. (Until 2026-11-26 the rule
+     sent every E >= 128 to ``chunked_gather`` because the old ``blocked``-only fallback cost
+     28-50 ms on those skewed sites.) ``chunked_gather`` wins at m < 5 (E=1000 any T:
+     1.4-10x; E=166, T=128: 2.9 / 5.1 vs 7.4 / 4.8-8.7 ms at 768->2048 / 2048->768);
+     ``sorted`` at E=36 (T=128: 2-3x; T=1024: 1.3-2.5x).
 
   Args:
     num_tokens: T (product of the leading dims).
@@ -120,8 +124,7 @@ def choose_backend(num_tokens: int, dim_in: int, num_experts: int, rank: int, to
   if platform in ("gpu", "cuda", "rocm", "tpu"):
     return "sorted"
   chunk = sorted_chunk_tokens(num_tokens, top_k, dim_in, DEFAULT_CAPACITY_FACTOR, num_experts)
-  if (num_experts >= _CHUNKED_GATHER_MIN_EXPERTS
-      or min(num_tokens, chunk) * top_k < _CHUNKED_GATHER_MAX_ROWS_PER_EXPERT * num_experts):
+  if min(num_tokens, chunk) * top_k < _CHUNKED_GATHER_MAX_ROWS_PER_EXPERT * num_experts:
     return "chunked_gather"
   return "sorted" if num_experts > 8 * top_k else "dense"
 
@@ -341,17 +344,46 @@ def sorted_chunk_tokens(num_tokens: int, top_k: int, dim: int, capacity_factor: 
   return num_tokens if num_tokens <= tokens else tokens
 
 
-def _capacity_or_blocked(x, a, b, idx, coef, capacity, block_rows):
-  """`_grouped_capacity` when no expert exceeds C rows, else the exact blocked path."""
+SORTED_FALLBACKS = ("auto", "blocked", "chunked_gather")
+
+
+def sorted_fallback(num_experts: int) -> str:
+  """The exact path the CPU ``sorted`` chunk takes when an expert overflows its capacity.
+
+  ``'blocked'`` pads every expert's rows to a multiple of S and computes ``ceil(N/S) +
+  min(E, N)`` blocks whatever the routing; ``'chunked_gather'`` costs ~N gathered weight rows
+  whatever E or the routing. Measured on routings traced from the benchmark's T5-base model
+  (skewed: up to 25% of the assignments on one expert; 2 CPU cores, T=1024, sorted's own
+  token chunks; docs/benchmarks.md): at E=36 ``blocked`` 5.8 / 7.8 / 2.5 ms vs
+  ``chunked_gather`` 10.7 / 11.8 / 5.8 ms (768->2048 / 2048->768 / 768->768); at E=166
+  ``blocked`` 28 / 50 / 17 ms vs ``chunked_gather`` 10.3 / 12.3 / 5.4 ms. So ``blocked`` up to
+  ``_BLOCKED_FALLBACK_MAX_EXPERTS`` experts, ``chunked_gather`` above.
+  """
+  return "blocked" if num_experts <= _BLOCKED_FALLBACK_MAX_EXPERTS else "chunked_gather"
+
+
+def _capacity_or_fallback(x, a, b, idx, coef, capacity, block_rows, fallback="auto"):
+  """`_grouped_capacity` when no expert exceeds C rows, else an exact fallback (``lax.cond``).
+
+  The fallback is `_grouped_blocked` or `_chunked_gather_coef` (`sorted_fallback` under
+  ``'auto'``). Only the taken branch runs; with the ``chunked_gather`` fallback a balanced
+  routing costs what the capacity path costs and a skewed one what ``chunked_gather`` costs.
+  """
   e = a.shape[0]
+  if fallback == "auto":
+    fallback = sorted_fallback(e)
+  if fallback == "blocked":
+    other = lambda *ops: _grouped_blocked(*ops, block_rows)
+  else:
+    other = _chunked_gather_coef
   group_sizes = jnp.bincount(idx.reshape(-1), length=e)  # [E]
   return jax.lax.cond(jnp.max(group_sizes) <= capacity,
                       lambda *ops: _grouped_capacity(*ops, capacity),
-                      lambda *ops: _grouped_blocked(*ops, block_rows), x, a, b, idx, coef)
+                      other, x, a, b, idx, coef)
 
 
 def _sorted(x, a, b, idx, w, scale, use_ragged_dot=None, block_rows=None, capacity_factor=None,
-            chunk_tokens=None):
+            chunk_tokens=None, fallback="auto"):
   t, k = idx.shape
   e = a.shape[0]
   n = t * k
@@ -371,16 +403,20 @@ def _sorted(x, a, b, idx, w, scale, use_ragged_dot=None, block_rows=None, capaci
     c = sorted_capacity(nc, e, capacity_factor)
     s = sorted_block_rows(nc, e) if block_rows is None else int(block_rows)
     s = max(1, min(s, nc))
+    if fallback not in SORTED_FALLBACKS:
+      raise RoutingError(f"routed_lora: sorted fallback must be one of {SORTED_FALLBACKS}, got "
+                         f"{fallback!r}")
     if tc >= t:
-      return _capacity_or_blocked(x, a, b, idx, coef, c, s)
+      return _capacity_or_fallback(x, a, b, idx, coef, c, s, fallback)
     chunks = -(-t // tc)
     pad = chunks * tc - t
     # Padded tokens route to expert 0 with coefficient 0 (their rows are dropped below).
     xp = jnp.pad(x, ((0, pad), (0, 0))).reshape(chunks, tc, -1)  # [chunks, Tc, D]
     ip = jnp.pad(idx, ((0, pad), (0, 0))).reshape(chunks, tc, k)  # [chunks, Tc, K]
     cp = jnp.pad(coef, ((0, pad), (0, 0))).reshape(chunks, tc, k)  # [chunks, Tc, K]
-    out = jax.lax.map(lambda ops: _capacity_or_blocked(ops[0], a, b, ops[1], ops[2], c, s),
-                      (xp, ip, cp))  # [chunks, Tc, F]
+    out = jax.lax.map(
+        lambda ops: _capacity_or_fallback(ops[0], a, b, ops[1], ops[2], c, s, fallback),
+        (xp, ip, cp))  # [chunks, Tc, F]
     return out.reshape(chunks * tc, -1)[:t]
   flat_ids = idx.reshape(n)  # [N]
   order = jnp.argsort(flat_ids, stable=True)  # [N]
@@ -411,6 +447,12 @@ def gather_chunk_assignments(num_assignments: int, dim_in: int, dim_out: int, ra
 
 
 def _chunked_gather(x, a, b, idx, w, scale, chunk_assignments=None):
+  """``chunked_gather`` backend: `_chunked_gather_coef` with coefficients ``w * scale[idx]``."""
+  return _chunked_gather_coef(x, a, b, idx, _coefficients(idx, w, scale, x.dtype),
+                              chunk_assignments)
+
+
+def _chunked_gather_coef(x, a, b, idx, coef, chunk_assignments=None):
   """Assignments sorted by expert, in chunks of Nc; each chunk gathers its experts' A/B.
 
   Args:
@@ -418,8 +460,7 @@ def _chunked_gather(x, a, b, idx, w, scale, chunk_assignments=None):
     a: [E, D, R].
     b: [E, R, F].
     idx: [T, K] expert ids.
-    w: [T, K] routing weights (float32).
-    scale: [E] float32.
+    coef: [T, K] per-assignment coefficient in ``x.dtype``.
     chunk_assignments: Nc (static); default ``gather_chunk_assignments``.
 
   Returns:
@@ -432,7 +473,7 @@ def _chunked_gather(x, a, b, idx, w, scale, chunk_assignments=None):
     nc = gather_chunk_assignments(n, a.shape[1], f, a.shape[2], jnp.dtype(x.dtype).itemsize)
   else:
     nc = max(1, min(int(chunk_assignments), n))
-  coef = _coefficients(idx, w, scale, x.dtype).reshape(n)  # [N]
+  coef = coef.reshape(n)  # [N]
   flat_ids = idx.reshape(n)  # [N]
   order = jnp.argsort(flat_ids, stable=True).astype(jnp.int32)  # [N] sorted pos -> assignment
   chunks = -(-n // nc)
@@ -461,7 +502,8 @@ def _chunked_gather(x, a, b, idx, w, scale, chunk_assignments=None):
 _IMPLS = {"oracle": _oracle, "dense": _dense, "gather": _gather, "sorted": _sorted,
           "chunked_gather": _chunked_gather}
 # Keyword options each backend accepts through ``routed_lora(**backend_kwargs)``.
-_OPTIONS = {"sorted": ("use_ragged_dot", "block_rows", "capacity_factor", "chunk_tokens"),
+_OPTIONS = {"sorted": ("use_ragged_dot", "block_rows", "capacity_factor", "chunk_tokens",
+                       "fallback"),
             "chunked_gather": ("chunk_assignments",)}
 
 
@@ -483,7 +525,8 @@ def routed_lora(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array, routing: Rou
     backend: one of ``'auto'``, ``'oracle'``, ``'dense'``, ``'gather'``, ``'sorted'``,
       ``'chunked_gather'``.
     **backend_kwargs: options of ``'sorted'`` (``use_ragged_dot``, ``block_rows``,
-      ``capacity_factor``, ``chunk_tokens``; CPU path options, see the module docstring) or of
+      ``capacity_factor``, ``chunk_tokens``, ``fallback``; CPU path options, see the module
+      docstring) or of
       ``'chunked_gather'`` (``chunk_assignments``). Under ``'auto'`` the options of the backends
       it does not pick are ignored.
 

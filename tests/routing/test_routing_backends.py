@@ -255,15 +255,17 @@ def test_sorted_chunk_tokens_grows_with_experts():
 
 
 def test_auto_on_cpu_follows_the_measured_table():
-  # docs/benchmarks.md "Backend choice on CPU": many experts -> chunked_gather, few -> dense.
+  # docs/benchmarks.md "Backend choice on CPU": few rows per expert -> chunked_gather, few
+  # experts -> dense, else sorted (whose overflow fallback is chunked_gather at large E).
   cpu = functools.partial(rt.choose_backend, platform="cpu")
   assert cpu(1024, 768, 1000, 16, 2) == "chunked_gather"
   assert cpu(4096, 768, 1000, 16, 2) == "chunked_gather"
   assert cpu(128, 768, 1000, 16, 2) == "chunked_gather"
   assert cpu(128, 768, 166, 16, 2) == "chunked_gather"  # ~1.5 rows per expert
   assert cpu(1024, 768, 500, 16, 2) == "chunked_gather"  # ~4 rows per expert
-  assert cpu(1024, 768, 300, 16, 2) == "chunked_gather"  # E >= 128
-  assert cpu(4096, 768, 166, 16, 2) == "chunked_gather"  # E >= 128 (whole-model measurement)
+  assert cpu(1024, 768, 300, 16, 2) == "sorted"  # ~6.8 rows per expert
+  assert cpu(4096, 768, 166, 16, 2) == "sorted"  # ~12 rows per expert in 1024-token chunks
+  assert cpu(1024, 2048, 166, 16, 2) == "sorted"
   assert cpu(1024, 768, 100, 16, 2) == "sorted"  # 1024-token chunks, ~20 rows per expert
   assert cpu(1024, 2048, 36, 16, 2) == "sorted"  # was 'dense' (E*R <= D/2), measured slower
   assert cpu(128, 768, 36, 16, 2) == "sorted"  # decoder sites, ~7 rows per expert

@@ -40,21 +40,23 @@ def _overflows(r, cf, chunk):
              for i in range(0, idx.shape[0], chunk))
 
 
+@pytest.mark.parametrize("fallback", bk.SORTED_FALLBACKS)
 @pytest.mark.parametrize("skew", [False, True])
 @pytest.mark.parametrize("case", list(CASES))
-def test_capacity_path_equals_oracle(case, skew):
+def test_capacity_path_equals_oracle(case, skew, fallback):
   cf, chunk = CASES[case]
   x, a, b, r = _problem(37, seed=1, skew=skew)
   assert _overflows(r, cf, chunk) == skew  # both the fast path and the fallback are exercised
   scale = jnp.linspace(0.5, 1.5, E)
   got = rt.routed_lora(x, a, b, r, scale, backend="sorted", use_ragged_dot=False,
-                       capacity_factor=cf, chunk_tokens=chunk)
+                       capacity_factor=cf, chunk_tokens=chunk, fallback=fallback)
   want = rt.routed_lora(x, a, b, r, scale, backend="oracle")
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fallback", ["blocked", "chunked_gather"])
 @pytest.mark.parametrize("skew", [False, True])
-def test_capacity_path_gradients_equal_oracle(skew):
+def test_capacity_path_gradients_equal_oracle(skew, fallback):
   x, a, b, r = _problem(21, seed=2, skew=skew)
 
   def loss(backend, x, a, b, w, **kw):
@@ -64,7 +66,7 @@ def test_capacity_path_gradients_equal_oracle(skew):
   want = jax.grad(functools.partial(loss, "oracle"), argnums=(0, 1, 2, 3))(x, a, b, r.weights)
   assert _overflows(r, 1.5, 16) == skew
   fast = functools.partial(loss, "sorted", use_ragged_dot=False, capacity_factor=1.5,
-                           chunk_tokens=16)
+                           chunk_tokens=16, fallback=fallback)
   got = jax.jit(jax.grad(fast, argnums=(0, 1, 2, 3)))(x, a, b, r.weights)
   for g, w in zip(got, want):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4)
@@ -79,3 +81,12 @@ def test_capacity_and_chunk_sizes():
   tc = bk.sorted_chunk_tokens(4096, 2, 2048, 1.5)
   assert tc & (tc - 1) == 0 and 128 <= tc < 4096
   assert bk.sorted_chunk_tokens(100, 2, 768, 1.5) == 100  # small T: one chunk
+
+
+def test_fallback_choice_by_shape_and_bad_name():
+  # Measured: blocked wins at E=36, chunked_gather at E=166 (skewed routings).
+  assert bk.sorted_fallback(36) == "blocked"
+  assert bk.sorted_fallback(166) == "chunked_gather"
+  x, a, b, r = _problem(9)
+  with pytest.raises(rt.RoutingError, match="fallback must be one of"):
+    rt.routed_lora(x, a, b, r, backend="sorted", use_ragged_dot=False, fallback="nope")
