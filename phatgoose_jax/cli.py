@@ -203,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv: Sequence[str]) -> int:
   """Parses ``argv`` and runs the subcommand (errors propagate)."""
+  from phatgoose_jax import cpu_malloc  # pylint: disable=g-import-not-at-top
+  cpu_malloc.configure_from_env()  # PHATGOOSE_JAX_MALLOC=heap (see phatgoose_jax/cpu_malloc.py)
   parser = build_parser()
   args, rest = parser.parse_known_args(list(argv))
   if args.command in ("train-expert", "train-gate"):

@@ -25,6 +25,7 @@ from typing import Any, Optional, Sequence
 
 import gin
 
+from phatgoose_jax import cpu_malloc
 from phatgoose_jax import gin_utils
 from phatgoose_jax.adapters import AdapterConfig, build_model
 from phatgoose_jax.models.config import T5Config
@@ -195,6 +196,7 @@ def parse_flags(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   try:
+    cpu_malloc.configure_from_env()  # PHATGOOSE_JAX_MALLOC=heap: see phatgoose_jax/cpu_malloc.py
     files, bindings, paths = parse_flags(argv)
     gin_utils.parse_gin(files, bindings, paths, finalize=False)
     metrics = evaluate()

@@ -29,6 +29,7 @@ import numpy as np
 
 from phatgoose_jax import adapters as adapters_lib
 from phatgoose_jax import checkpoints
+from phatgoose_jax import cpu_malloc
 from phatgoose_jax import errors
 from phatgoose_jax import gin_utils
 from phatgoose_jax import training
@@ -201,6 +202,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
 
 
 def main(argv) -> int:
+  cpu_malloc.configure_from_env()  # PHATGOOSE_JAX_MALLOC=heap: see phatgoose_jax/cpu_malloc.py
   files, bindings, paths, rest = gin_utils.split_flags(argv)
   multihost = None
   for arg in rest:
