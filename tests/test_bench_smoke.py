@@ -21,11 +21,14 @@ def _run(tmp_path, *args):
   proc = subprocess.run([sys.executable, SCRIPT, "--smoke", "--json", str(out), *args],
                         env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+  env_record = json.loads((tmp_path / "bench.json.env.json").read_text())
+  assert env_record["stat"] in ("min", "median") and env_record["malloc"] in ("heap", "system")
   return json.loads(out.read_text()), proc
 
 
 def test_smoke_json_schema(tmp_path):
-  records, _ = _run(tmp_path, "--parts", "site,forward,official,scaling")
+  records, _ = _run(tmp_path, "--parts", "site,forward,official,scaling", "--malloc", "system",
+                    "--stat", "median")
   assert isinstance(records, list) and records
   for rec in records:
     assert isinstance(rec["benchmark"], str) and rec["benchmark"]
