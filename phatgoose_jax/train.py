@@ -40,6 +40,9 @@ from phatgoose_jax.training import state as state_lib
 from phatgoose_jax.training.logging import MetricsLogger
 
 MODES = ("lora", "gated_lora")
+VALIDATIONS = ("token", "task")
+# validation -> (default best_metric, best_mode)
+VALIDATION_DEFAULTS = {"token": ("loss", "min"), "task": ("average_score", "max")}
 
 
 def _load_expert_into(adapters: Mapping[str, Any], expert_path: str) -> tuple:
@@ -97,7 +100,9 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
           learning_rate: float = 5e-3, num_microbatches: int = 1,
           eval_split: Optional[str] = "validation", eval_every: Optional[int] = 100,
           checkpoint_every: Optional[int] = 100, log_every: int = 10,
-          best_metric: str = "loss", best_mode: str = "min", seed: int = 42, data_seed: int = 0,
+          best_metric: Optional[str] = None, best_mode: Optional[str] = None,
+          validation: str = "token", validation_examples: Optional[int] = None,
+          eval_batch_size: Optional[int] = None, seed: int = 42, data_seed: int = 0,
           num_partitions: int = 1, base_dtype: Optional[str] = None,
           dropout_rate: Optional[float] = None,
           data_stats_examples: Optional[int] = 10000) -> training.FitResult:
@@ -111,6 +116,14 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
     learning_rate: peak lr (the rest of the optimiser: gin ``adamw_optimizer.*``).
     num_microbatches: gradient accumulation (BATCH_SIZE is the effective batch).
     eval_split: validation split (None: no validation; the final adapters are exported).
+    validation: how the best step is chosen. ``'token'``: teacher-forced token loss/accuracy on
+      ``eval_split`` (default best_metric ``'loss'``, ``'min'``). ``'task'``: the task's own
+      seqio metric fns on ``eval_split`` (rank-classification accuracy, exact match, ...),
+      averaged as the official PHATGOOSE Evaluator does (default best_metric
+      ``'average_score'``, ``'max'``, ties to the later step; `training.task_validation`).
+    validation_examples: first rows of each task scored by ``validation='task'`` (None: all).
+    eval_batch_size: rows per call of ``validation='task'`` (default: the per-host batch).
+    best_metric / best_mode: override the validation's defaults (see ``validation``).
     base_dtype: store the frozen base in this dtype (e.g. 'bfloat16', as the official recipe).
     dropout_rate: overrides the config's dropout.
     data_stats_examples: how many training examples `pipeline.data_statistics` reads to count
@@ -119,6 +132,11 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
   """
   if mode not in MODES:
     raise ValueError(f"train.mode must be one of {MODES}, got {mode!r}")
+  if validation not in VALIDATIONS:
+    raise ValueError(f"train.validation must be one of {VALIDATIONS}, got {validation!r}")
+  default_metric, default_mode = VALIDATION_DEFAULTS[validation]
+  best_metric = best_metric or default_metric
+  best_mode = best_mode or default_mode
   if mode == "gated_lora" and not expert_path:
     raise ValueError("train.expert_path is required for gate training (mode='gated_lora')")
   _check_arguments(task_feature_lengths, batch_size, train_steps, learning_rate,
@@ -177,10 +195,20 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
     data_log = MetricsLogger(model_dir, train_steps, tensorboard=False, progress=False)
     data_log.write(0, "data", stats)
     data_log.close()
-  eval_iter_fn = None
+  eval_iter_fn = eval_fn = None
+  best_ties = "first"
   if eval_split:
     provider = registry.get_task_or_mixture(mixture_or_task_name)
-    if eval_split in provider.splits:
+    if eval_split in provider.splits and validation == "task":
+      if jax.process_count() > 1:
+        raise ValueError("train.validation='task' runs on a single host (seqio's Evaluator is "
+                         "not sharded here); use validation='token' on multi-host runs")
+      eval_fn = training.make_task_eval_fn(
+          trainer, mixture_or_task_name, task_feature_lengths=task_feature_lengths,
+          split=eval_split, batch_size=eval_batch_size or per_host,
+          num_examples=validation_examples)
+      best_ties = "last"
+    elif eval_split in provider.splits:
       eval_iter_fn = lambda: pipeline.get_dataset(  # pylint: disable=g-long-lambda
           mixture_or_task_name, task_feature_lengths, eval_split, per_host, shuffle=False,
           seed=0, num_epochs=1, shard_id=shard_id, num_shards=num_shards)
@@ -195,9 +223,10 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
       "expert_path": expert_path, "expert_task": expert_meta.get("task"),
   }
   return trainer.fit(state, train_iter, train_steps, model_dir=model_dir,
-                     eval_iter_fn=eval_iter_fn, eval_every=eval_every,
+                     eval_iter_fn=eval_iter_fn, eval_fn=eval_fn, eval_every=eval_every,
                      checkpoint_every=checkpoint_every, log_every=log_every,
-                     best_metric=best_metric, best_mode=best_mode, base_fingerprint=fingerprint,
+                     best_metric=best_metric, best_mode=best_mode, best_ties=best_ties,
+                     base_fingerprint=fingerprint,
                      export_metadata=export_meta)
 
 

@@ -307,6 +307,7 @@ class Trainer:
           model_dir: str, eval_iter_fn: Optional[Callable[[], Iterable[Batch]]] = None,
           eval_every: Optional[int] = None, checkpoint_every: Optional[int] = None,
           log_every: int = 10, best_metric: str = "loss", best_mode: str = "min",
+          best_ties: str = "first",
           eval_fn: Optional[Callable[[Dict[str, Any]], Dict[str, float]]] = None,
           base_fingerprint: Optional[str] = None,
           export_metadata: Optional[Mapping[str, Any]] = None, export: bool = True,
@@ -329,6 +330,8 @@ class Trainer:
       checkpoint_every: save every this many steps (plus the last step).
       log_every: train-metrics logging period.
       best_metric / best_mode: which validation metric selects the best step ('min' or 'max').
+      best_ties: 'first' keeps the earlier best on an equal metric; 'last' moves to the later
+        step (the official PHATGOOSE Evaluator's ``>=``, see `training.task_validation`).
       eval_fn: custom validation (e.g. seqio rank classification): state -> metrics; used
         instead of ``eval_iter_fn`` when given.
       base_fingerprint: fingerprint of the frozen base model, stored in checkpoints and exports;
@@ -339,6 +342,8 @@ class Trainer:
     """
     if best_mode not in ("min", "max"):
       raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
+    if best_ties not in ("first", "last"):
+      raise ValueError(f"best_ties must be 'first' or 'last', got {best_ties!r}")
     validate = eval_fn or ((lambda s: self.evaluate(s, eval_iter_fn())) if eval_iter_fn else None)
     ckpt = state_lib.Checkpointer(model_dir, max_to_keep=max_to_keep, async_save=async_checkpoints)
     best: Optional[Dict[str, Any]] = None
@@ -394,8 +399,10 @@ class Trainer:
         raise ValueError(f"best_metric {best_metric!r} not among validation metrics "
                          f"{sorted(metrics)}")
       value = float(metrics[best_metric])
-      better = best is None or (value < best["value"] if best_mode == "min" else
-                                value > best["value"])
+      if best is None or (best_ties == "last" and value == best["value"]):
+        better = True
+      else:
+        better = value < best["value"] if best_mode == "min" else value > best["value"]
       if better:
         best = {"step": step, "metric": best_metric, "value": value}
         do_export("best", value)

@@ -1,0 +1,57 @@
+"""`python -m phatgoose_jax.train` with VALIDATION='task': the export is the best step by the
+task's own metric (ties to the later step) and its score is what seqio's evaluation gives the
+exported adapters."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+LENGTHS = {"inputs": 8, "targets": 6}
+
+
+def test_train_selects_and_exports_by_task_metric(world, tmp_path):
+  model_dir = str(tmp_path / "run")
+  argv = ["-m", "phatgoose_jax.train", "--gin_file=runs/train_expert.gin",
+          f"--gin.MODEL_DIR='{model_dir}'", "--gin.MIXTURE_OR_TASK_NAME='rel_tiny'",
+          "--gin.MIXTURE_OR_TASK_MODULE='rel_tasks'",
+          f"--gin.INITIAL_CHECKPOINT_PATH='{world['base_hf']}'",
+          f"--gin.TASK_FEATURE_LENGTHS={LENGTHS!r}", "--gin.BATCH_SIZE=4", "--gin.LORA_RANK=3",
+          "--gin.TRAIN_STEPS=2", "--gin.VALIDATION='task'", "--gin.VALIDATION_EXAMPLES=6",
+          "--gin.LEARNING_RATE=0.5", "--gin.phatgoose_jax.train.train.eval_every=1",
+          "--gin.phatgoose_jax.train.train.data_stats_examples=0"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+             PYTHONPATH=os.pathsep.join([REPO, world["task_module_dir"]]))
+  proc = subprocess.run([sys.executable] + argv, env=env, capture_output=True, text=True,
+                        timeout=600, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+    evals = [json.loads(line) for line in f if '"eval"' in line]
+  evals = [r for r in evals if r["split"] == "eval"]
+  assert [r["step"] for r in evals] == [0, 1, 2]
+  for r in evals:
+    assert r["average_score"] == pytest.approx(r["rel_tiny/score"])
+    assert r["rel_tiny/score"] == pytest.approx(r["rel_tiny/accuracy"])
+  best_value = max(r["average_score"] for r in evals)
+  best_step = max(r["step"] for r in evals if r["average_score"] == best_value)  # ties: later
+  with open(os.path.join(model_dir, "export", "metadata.json")) as f:
+    meta = json.load(f)
+  assert meta["metric"] == "average_score" and meta["step"] == best_step
+  assert meta["metric_value"] == pytest.approx(best_value)
+
+  # Independent check: seqio's evaluation of the exported adapters gives the recorded score.
+  sys.path.insert(0, world["task_module_dir"])
+  import rel_tasks  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  from phatgoose_jax import adapters, checkpoints  # pylint: disable=g-import-not-at-top
+  from phatgoose_jax.evaluation import run_seqio_evaluation  # pylint: disable=g-import-not-at-top
+  from phatgoose_jax.training import load_exported_adapters, validation_scores  # pylint: disable=g-import-not-at-top
+  config, params = checkpoints.load_checkpoint(world["base_hf"])
+  model = adapters.build_model(config, adapters.AdapterConfig(mode="lora", rank=3))
+  exported, _ = load_exported_adapters(model_dir)
+  results = run_seqio_evaluation("rel_tiny", model, {"params": params, "adapters": exported},
+                                 task_feature_lengths=LENGTHS, split="validation", batch_size=4,
+                                 num_examples=6)
+  assert validation_scores(results)["average_score"] == pytest.approx(best_value, abs=1e-6)
