@@ -18,8 +18,8 @@ leading dims:
   * ``sorted``: flatten the N = T*K assignments, sort by expert, grouped matmul, unsort, weighted
     sum. Uses ``jax.lax.ragged_dot`` on GPU/TPU (native grouped GEMM). Elsewhere (CPU, where
     ragged_dot decomposes into an E-times-masked dense product) the tokens are processed in
-    chunks of Tc (so that no buffer exceeds ~16 MB: larger XLA:CPU buffers are mmap-ed fresh
-    and page-fault on every call) and each chunk takes
+    chunks of Tc (so that no buffer exceeds ~16 MB, 48 MB in `cpu_malloc` heap mode: larger
+    XLA:CPU buffers are mmap-ed fresh and page-fault on every call) and each chunk takes
       - the capacity fast path when every expert has <= C = ceil(cf*m + 4*sqrt(m)) of the
         chunk's assignments (m = Tc*K/E, cf = ``capacity_factor``, default 1.5): an
         [E, C] slot grid, two batched matmuls against A [E, D, R] / B [E, R, F] as stored;
@@ -70,6 +70,8 @@ DEFAULT_CAPACITY_FACTOR = 1.5
 _BLOCKED_FALLBACK_MAX_EXPERTS = 64
 # Byte budget of one [E*C, max(D, F)] float32 grid in the chunked CPU 'sorted' path.
 _CHUNK_BYTES = 16 << 20
+# The same budget when `phatgoose_jax.cpu_malloc` keeps buffers on the heap (no page faults).
+_CHUNK_BYTES_HEAP = 48 << 20
 # Per-expert-overhead floor of the CPU 'sorted' token chunk: >= this many assignments per
 # expert, up to this many tokens (see sorted_chunk_tokens).
 _CHUNK_ROWS_PER_EXPERT = 16
@@ -299,8 +301,22 @@ def _grouped_capacity(x, a, b, idx, coef, capacity):
   return out
 
 
+def chunk_byte_budget() -> int:
+  """Grid byte budget of the CPU ``sorted`` token chunk: 16 MB, or 48 MB under heap mode.
+
+  The 16 MB budget keeps each grid below glibc's mmap threshold. When
+  `phatgoose_jax.cpu_malloc.keep_buffers_on_heap` is in effect no buffer is mmap-ed, and larger
+  chunks are faster on skewed routings: traced T5-base routings at E=36, T=1024, 768->2048 /
+  2048->768 (LoRA only, heap): Tc=1024 (34 MB grid) 4.4 / 4.9 ms vs Tc=256 (the 16 MB choice)
+  5.4 / 7.8 ms; with the default allocator Tc=1024 measured 14.1 / 13.9 ms. Read at trace time.
+  """
+  from phatgoose_jax import cpu_malloc  # pylint: disable=g-import-not-at-top
+  return _CHUNK_BYTES_HEAP if cpu_malloc.mode() == "heap" else _CHUNK_BYTES
+
+
 def sorted_chunk_tokens(num_tokens: int, top_k: int, dim: int, capacity_factor: float,
-                        num_experts: int | None = None) -> int:
+                        num_experts: int | None = None,
+                        byte_budget: int | None = None) -> int:
   """Tokens per chunk of the CPU 'sorted' path (Tc), a power of two >= 128 (or T when smaller).
 
   Two measured effects set Tc (2 CPU cores, docs/benchmarks.md "Token chunk of the CPU
@@ -309,7 +325,8 @@ def sorted_chunk_tokens(num_tokens: int, top_k: int, dim: int, capacity_factor: 
   * buffer size: XLA:CPU buffers above glibc's mmap threshold (32 MB at most) are mapped fresh
     on every call and pay a page fault per 4 KB page (~0.4 ms/MB), and smaller grids stay in
     cache. Tc is the largest power of two whose ``[E, C, max(D, F)]`` float32 grid, with the
-    capacity ``C = sorted_capacity(Tc*K, E, cf)`` margin included, fits 16 MB;
+    capacity ``C = sorted_capacity(Tc*K, E, cf)`` margin included, fits 16 MB (48 MB when
+    buffers are kept on the heap, `chunk_byte_budget`);
   * per-expert overhead: every chunk runs E-wide batched matmuls whose fixed cost grows with E,
     so Tc is at least ``16*E/K`` (about 16 assignments per expert), capped at 1024. At E=166 and
     T=1024, Tc=1024 measured 12.8 / 26.3 / 28.3 ms (768->768 / 768->2048 / 2048->768) against
@@ -325,18 +342,20 @@ def sorted_chunk_tokens(num_tokens: int, top_k: int, dim: int, capacity_factor: 
     dim: max(D, F).
     capacity_factor: cf of ``sorted_capacity``.
     num_experts: E; None for the legacy estimate.
+    byte_budget: grid budget in bytes; None: `chunk_byte_budget` (16 MB, 48 MB in heap mode).
 
   Returns:
     Tc.
   """
   row_bytes = 4 * max(1, dim)
+  budget = chunk_byte_budget() if byte_budget is None else int(byte_budget)
   if num_experts is None:
-    rows = _CHUNK_BYTES // row_bytes  # grid rows that fit the budget
+    rows = budget // row_bytes  # grid rows that fit the budget
     tokens = max(128, int(rows / max(1e-6, capacity_factor * top_k)))
   else:
     tokens = 128
     while (tokens < num_tokens and tokens < (1 << 16) and num_experts * sorted_capacity(
-        2 * tokens * top_k, num_experts, capacity_factor) * row_bytes <= _CHUNK_BYTES):
+        2 * tokens * top_k, num_experts, capacity_factor) * row_bytes <= budget):
       tokens *= 2
     tokens = max(tokens, min(_CHUNK_MAX_TOKENS_FOR_EXPERTS,
                              _CHUNK_ROWS_PER_EXPERT * num_experts // max(1, top_k)))
@@ -382,6 +401,39 @@ def _capacity_or_fallback(x, a, b, idx, coef, capacity, block_rows, fallback="au
                       other, x, a, b, idx, coef)
 
 
+def _pad_ids(idx, pad: int, num_experts: int):
+  """``idx`` [T, K] followed by ``pad`` padding tokens whose ids cycle over the experts.
+
+  Padding rows carry coefficient 0 and are dropped; spreading them keeps a padded last chunk
+  from overflowing one expert's capacity (all on expert 0, 84 padding tokens of a 128-token
+  chunk would exceed C for any E > 1)."""
+  k = idx.shape[1]
+  filler = (jnp.arange(pad * k, dtype=idx.dtype) % num_experts).reshape(pad, k)
+  return jnp.concatenate([idx, filler], axis=0)
+
+
+def _chunked_capacity(x, a, b, idx, coef, tc, capacity_factor, block_rows, fallback):
+  """Capacity grid (or its exact fallback) per chunk of ``tc`` tokens (``lax.map``)."""
+  t, k = idx.shape
+  e = a.shape[0]
+  nc = tc * k
+  c = sorted_capacity(nc, e, capacity_factor)
+  s = sorted_block_rows(nc, e) if block_rows is None else int(block_rows)
+  s = max(1, min(s, nc))
+  if tc >= t:
+    return _capacity_or_fallback(x, a, b, idx, coef, c, s, fallback)
+  chunks = -(-t // tc)
+  pad = chunks * tc - t
+  # Padded tokens have coefficient 0 and ids spread over the experts (rows dropped below).
+  xp = jnp.pad(x, ((0, pad), (0, 0))).reshape(chunks, tc, -1)  # [chunks, Tc, D]
+  ip = _pad_ids(idx, pad, e).reshape(chunks, tc, k)  # [chunks, Tc, K]
+  cp = jnp.pad(coef, ((0, pad), (0, 0))).reshape(chunks, tc, k)  # [chunks, Tc, K]
+  out = jax.lax.map(
+      lambda ops: _capacity_or_fallback(ops[0], a, b, ops[1], ops[2], c, s, fallback),
+      (xp, ip, cp))  # [chunks, Tc, F]
+  return out.reshape(chunks * tc, -1)[:t]
+
+
 def _sorted(x, a, b, idx, w, scale, use_ragged_dot=None, block_rows=None, capacity_factor=None,
             chunk_tokens=None, fallback="auto"):
   t, k = idx.shape
@@ -396,28 +448,18 @@ def _sorted(x, a, b, idx, w, scale, use_ragged_dot=None, block_rows=None, capaci
     if capacity_factor <= 0:
       s = sorted_block_rows(n, e) if block_rows is None else int(block_rows)
       return _grouped_blocked(x, a, b, idx, coef, max(1, min(s, n)))
-    dim = max(a.shape[1], b.shape[2])
-    tc = (sorted_chunk_tokens(t, k, dim, capacity_factor, e) if chunk_tokens is None
-          else max(1, min(int(chunk_tokens), t)))
-    nc = tc * k
-    c = sorted_capacity(nc, e, capacity_factor)
-    s = sorted_block_rows(nc, e) if block_rows is None else int(block_rows)
-    s = max(1, min(s, nc))
     if fallback not in SORTED_FALLBACKS:
       raise RoutingError(f"routed_lora: sorted fallback must be one of {SORTED_FALLBACKS}, got "
                          f"{fallback!r}")
-    if tc >= t:
-      return _capacity_or_fallback(x, a, b, idx, coef, c, s, fallback)
-    chunks = -(-t // tc)
-    pad = chunks * tc - t
-    # Padded tokens route to expert 0 with coefficient 0 (their rows are dropped below).
-    xp = jnp.pad(x, ((0, pad), (0, 0))).reshape(chunks, tc, -1)  # [chunks, Tc, D]
-    ip = jnp.pad(idx, ((0, pad), (0, 0))).reshape(chunks, tc, k)  # [chunks, Tc, K]
-    cp = jnp.pad(coef, ((0, pad), (0, 0))).reshape(chunks, tc, k)  # [chunks, Tc, K]
-    out = jax.lax.map(
-        lambda ops: _capacity_or_fallback(ops[0], a, b, ops[1], ops[2], c, s, fallback),
-        (xp, ip, cp))  # [chunks, Tc, F]
-    return out.reshape(chunks * tc, -1)[:t]
+    dim = max(a.shape[1], b.shape[2])
+    if chunk_tokens is not None:
+      tc = max(1, min(int(chunk_tokens), t))
+      return _chunked_capacity(x, a, b, idx, coef, tc, capacity_factor, block_rows, fallback)
+    # A wrapping lax.cond that picked small chunks for balanced routings and large ones for
+    # skewed routings measured slower than either (XLA:CPU: +8 ms on a 53 ms site), so the
+    # chunk size is static (`sorted_chunk_tokens`, budget by allocator mode).
+    tc = sorted_chunk_tokens(t, k, dim, capacity_factor, e)
+    return _chunked_capacity(x, a, b, idx, coef, tc, capacity_factor, block_rows, fallback)
   flat_ids = idx.reshape(n)  # [N]
   order = jnp.argsort(flat_ids, stable=True)  # [N]
   token_of = order // k  # [N] source token of each sorted assignment

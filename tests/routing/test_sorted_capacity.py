@@ -90,3 +90,23 @@ def test_fallback_choice_by_shape_and_bad_name():
   x, a, b, r = _problem(9)
   with pytest.raises(rt.RoutingError, match="fallback must be one of"):
     rt.routed_lora(x, a, b, r, backend="sorted", use_ragged_dot=False, fallback="nope")
+
+
+def test_padding_of_the_last_chunk_is_spread_over_the_experts():
+  # 130 tokens in chunks of 128: the last chunk has 2 tokens and 126 padding tokens; with all
+  # padding on one expert it would overflow the capacity (C=106 at E=5) and take the fallback.
+  padded = np.asarray(bk._pad_ids(jnp.zeros((2, K), jnp.int32), 126, E))
+  assert padded.shape == (128, K)
+  counts = np.bincount(padded.ravel(), minlength=E)
+  assert counts.max() <= bk.sorted_capacity(128 * K, E, 1.5)
+  filler = np.bincount(padded[2:].ravel(), minlength=E)
+  assert filler.max() - filler.min() <= 1
+
+
+@pytest.mark.parametrize("heap", [False, True])
+def test_chunk_budget_follows_the_allocator_mode(heap, monkeypatch):
+  from phatgoose_jax import cpu_malloc
+  monkeypatch.setitem(cpu_malloc._state, "mode", "heap" if heap else "system")
+  assert bk.chunk_byte_budget() == (48 << 20 if heap else 16 << 20)
+  # E=36, 768->2048: 256-token chunks under 16 MB, 1024 under 48 MB (measured faster there).
+  assert bk.sorted_chunk_tokens(1024, 2, 2048, 1.5, 36) == (1024 if heap else 256)
