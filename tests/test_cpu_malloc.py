@@ -47,8 +47,8 @@ def test_heap_mode_serves_large_buffers_from_the_heap(value, mode, on_heap):
 def test_bad_mode_names_the_variable():
   with pytest.raises(ValueError, match=cpu_malloc.ENV_VAR):
     cpu_malloc.configure("fast", source=f"environment variable {cpu_malloc.ENV_VAR}")
-  proc = subprocess.run([sys.executable, "-m", "phatgoose_jax.cli", "library", "list", "/nonexistent"],
-                        env=dict(os.environ, **{cpu_malloc.ENV_VAR: "fast"}), capture_output=True,
-                        text=True, timeout=120)
+  argv = [sys.executable, "-m", "phatgoose_jax.cli", "library", "list", "/nonexistent"]
+  env = dict(os.environ, **{cpu_malloc.ENV_VAR: "fast"})
+  proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2
   assert cpu_malloc.ENV_VAR in proc.stderr and "Traceback" not in proc.stderr

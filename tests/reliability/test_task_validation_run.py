@@ -47,11 +47,11 @@ def test_train_selects_and_exports_by_task_metric(world, tmp_path):
   import rel_tasks  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   from phatgoose_jax import adapters, checkpoints  # pylint: disable=g-import-not-at-top
   from phatgoose_jax.evaluation import run_seqio_evaluation  # pylint: disable=g-import-not-at-top
-  from phatgoose_jax.training import load_exported_adapters, validation_scores  # pylint: disable=g-import-not-at-top
+  from phatgoose_jax import training  # pylint: disable=g-import-not-at-top
   config, params = checkpoints.load_checkpoint(world["base_hf"])
   model = adapters.build_model(config, adapters.AdapterConfig(mode="lora", rank=3))
-  exported, _ = load_exported_adapters(model_dir)
+  exported, _ = training.load_exported_adapters(model_dir)
   results = run_seqio_evaluation("rel_tiny", model, {"params": params, "adapters": exported},
                                  task_feature_lengths=LENGTHS, split="validation", batch_size=4,
                                  num_examples=6)
-  assert validation_scores(results)["average_score"] == pytest.approx(best_value, abs=1e-6)
+  assert training.validation_scores(results)["average_score"] == pytest.approx(best_value, abs=1e-6)

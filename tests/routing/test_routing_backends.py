@@ -9,6 +9,7 @@ import pytest
 
 from phatgoose_jax import routing as rt
 from phatgoose_jax.routing import backends as bk
+from phatgoose_jax.routing import cpu_grouped as cg
 
 T, D, F, E, R, K = 7, 13, 11, 5, 3, 2
 
@@ -234,8 +235,8 @@ def test_gather_chunk_assignments_keeps_the_byte_budget():
   for d, f in [(768, 768), (768, 2048), (2048, 768), (13, 11)]:
     nc = bk.gather_chunk_assignments(1 << 20, d, f, 16)
     assert nc & (nc - 1) == 0 and nc >= 8
-    assert nc * 16 * (d + f) * 4 <= bk._GATHER_CHUNK_BYTES or nc == 8
-    assert 2 * nc * 16 * (d + f) * 4 > bk._GATHER_CHUNK_BYTES  # the largest power of two
+    assert nc * 16 * (d + f) * 4 <= cg._GATHER_CHUNK_BYTES or nc == 8
+    assert 2 * nc * 16 * (d + f) * 4 > cg._GATHER_CHUNK_BYTES  # the largest power of two
   assert bk.gather_chunk_assignments(5, 768, 768, 16) == 5  # never more than N
 
 
@@ -251,7 +252,7 @@ def test_sorted_chunk_tokens_grows_with_experts():
     tc = bk.sorted_chunk_tokens(8192, 2, 2048, 1.5, e)
     c = bk.sorted_capacity(tc * 2, e, 1.5)
     assert tc & (tc - 1) == 0
-    assert e * c * 2048 * 4 <= bk._CHUNK_BYTES or tc * 2 >= 8 * e or tc == 128
+    assert e * c * 2048 * 4 <= cg._CHUNK_BYTES or tc * 2 >= 8 * e or tc == 128
 
 
 def test_auto_on_cpu_follows_the_measured_table():

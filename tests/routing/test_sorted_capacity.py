@@ -9,6 +9,7 @@ import pytest
 
 from phatgoose_jax import routing as rt
 from phatgoose_jax.routing import backends as bk
+from phatgoose_jax.routing import cpu_grouped as cg
 
 D, F, E, R, K = 13, 11, 5, 3, 2
 
@@ -95,7 +96,7 @@ def test_fallback_choice_by_shape_and_bad_name():
 def test_padding_of_the_last_chunk_is_spread_over_the_experts():
   # 130 tokens in chunks of 128: the last chunk has 2 tokens and 126 padding tokens; with all
   # padding on one expert it would overflow the capacity (C=106 at E=5) and take the fallback.
-  padded = np.asarray(bk._pad_ids(jnp.zeros((2, K), jnp.int32), 126, E))
+  padded = np.asarray(cg._pad_ids(jnp.zeros((2, K), jnp.int32), 126, E))
   assert padded.shape == (128, K)
   counts = np.bincount(padded.ravel(), minlength=E)
   assert counts.max() <= bk.sorted_capacity(128 * K, E, 1.5)
