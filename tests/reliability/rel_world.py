@@ -20,6 +20,8 @@ import json
 import os
 import shutil
 import stat
+import subprocess
+import sys
 
 import numpy as np
 
@@ -141,3 +143,18 @@ def build_world(root: str) -> dict:
   with open(os.path.join(root, "world.json"), "w") as f:
     json.dump(w, f, indent=2)
   return w
+
+
+def run_train(world: dict, model_dir: str, lengths: dict, *extra: str,
+              timeout: int = 600) -> subprocess.CompletedProcess:
+  """``python -m phatgoose_jax.train`` with runs/train_expert.gin on `rel_tiny` over base_hf."""
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  argv = ["-m", "phatgoose_jax.train", "--gin_file=runs/train_expert.gin",
+          f"--gin.MODEL_DIR='{model_dir}'", "--gin.MIXTURE_OR_TASK_NAME='rel_tiny'",
+          "--gin.MIXTURE_OR_TASK_MODULE='rel_tasks'",
+          f"--gin.INITIAL_CHECKPOINT_PATH='{world['base_hf']}'",
+          f"--gin.TASK_FEATURE_LENGTHS={lengths!r}", *extra]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+             PYTHONPATH=os.pathsep.join([repo, world["task_module_dir"]]))
+  return subprocess.run([sys.executable] + argv, env=env, capture_output=True, text=True,
+                        timeout=timeout, cwd=repo)

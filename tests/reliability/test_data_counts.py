@@ -7,30 +7,19 @@ made here with the task's own vocabulary.
 """
 import json
 import os
-import subprocess
-import sys
 
 import seqio
 
 import rel_world
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
 LENGTHS = {"inputs": 8, "targets": 6}
 
 
 def test_train_logs_truncated_and_dropped_counts(world, tmp_path):
   model_dir = str(tmp_path / "run")
-  argv = ["-m", "phatgoose_jax.train", "--gin_file=runs/train_expert.gin",
-          f"--gin.MODEL_DIR='{model_dir}'", "--gin.MIXTURE_OR_TASK_NAME='rel_tiny'",
-          "--gin.MIXTURE_OR_TASK_MODULE='rel_tasks'",
-          f"--gin.INITIAL_CHECKPOINT_PATH='{world['base_hf']}'",
-          f"--gin.TASK_FEATURE_LENGTHS={LENGTHS!r}", "--gin.BATCH_SIZE=2",
-          "--gin.TRAIN_STEPS=1", "--gin.phatgoose_jax.train.train.eval_split=None"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-             PYTHONPATH=os.pathsep.join([REPO, world["task_module_dir"]]))
-  proc = subprocess.run([sys.executable] + argv, env=env, capture_output=True, text=True,
-                        timeout=600, cwd=REPO)
+  proc = rel_world.run_train(world, model_dir, LENGTHS, "--gin.BATCH_SIZE=2",
+                             "--gin.TRAIN_STEPS=1",
+                             "--gin.phatgoose_jax.train.train.eval_split=None")
   assert proc.returncode == 0, proc.stderr[-2000:]
   with open(os.path.join(model_dir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]

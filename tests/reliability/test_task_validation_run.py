@@ -3,30 +3,22 @@ task's own metric (ties to the later step) and its score is what seqio's evaluat
 exported adapters."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
+import rel_world
+
 LENGTHS = {"inputs": 8, "targets": 6}
 
 
 def test_train_selects_and_exports_by_task_metric(world, tmp_path):
   model_dir = str(tmp_path / "run")
-  argv = ["-m", "phatgoose_jax.train", "--gin_file=runs/train_expert.gin",
-          f"--gin.MODEL_DIR='{model_dir}'", "--gin.MIXTURE_OR_TASK_NAME='rel_tiny'",
-          "--gin.MIXTURE_OR_TASK_MODULE='rel_tasks'",
-          f"--gin.INITIAL_CHECKPOINT_PATH='{world['base_hf']}'",
-          f"--gin.TASK_FEATURE_LENGTHS={LENGTHS!r}", "--gin.BATCH_SIZE=4", "--gin.LORA_RANK=3",
-          "--gin.TRAIN_STEPS=2", "--gin.VALIDATION='task'", "--gin.VALIDATION_EXAMPLES=6",
-          "--gin.LEARNING_RATE=0.5", "--gin.phatgoose_jax.train.train.eval_every=1",
-          "--gin.phatgoose_jax.train.train.data_stats_examples=0"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-             PYTHONPATH=os.pathsep.join([REPO, world["task_module_dir"]]))
-  proc = subprocess.run([sys.executable] + argv, env=env, capture_output=True, text=True,
-                        timeout=600, cwd=REPO)
+  proc = rel_world.run_train(
+      world, model_dir, LENGTHS, "--gin.BATCH_SIZE=4", "--gin.LORA_RANK=3",
+      "--gin.TRAIN_STEPS=2", "--gin.VALIDATION='task'", "--gin.VALIDATION_EXAMPLES=6",
+      "--gin.LEARNING_RATE=0.5", "--gin.phatgoose_jax.train.train.eval_every=1",
+      "--gin.phatgoose_jax.train.train.data_stats_examples=0")
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(os.path.join(model_dir, "metrics.jsonl")) as f:
     evals = [json.loads(line) for line in f if '"eval"' in line]
