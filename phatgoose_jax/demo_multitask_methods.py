@@ -208,50 +208,23 @@ def _poly_rows(ctx: MethodContext, heads: int, name: str) -> List[Method]:
 
 def adapt_z_rows(ctx: MethodContext, model: Any, variables: Mapping[str, Any],
                  label: str) -> Dict[str, dict]:
-  """MHR-z / Poly-z per held-out task: a new Z row (zero logits, i.e. uniform) trained alone on the
-  k labelled examples, skills frozen.
-
-  The same procedure as `polytropon.adapt_to_new_task(train='z', new_row_init='uniform')`
-  (`poly_optimizer`, Gumbel-sigmoid routing, the new row's mask), written here with ONE compiled
-  step shared by the held-out tasks (the library function compiles once per call).
-  """
+  """MHR-z / Poly-z per held-out task: `polytropon.adapt_to_new_task` with ``train='z'`` and
+  ``new_row_init='uniform'`` (a new Z row with zero logits trained alone on the k labelled
+  examples, skills frozen); its compiled step is shared by the held-out tasks."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
   from phatgoose_jax.methods import polytropon as poly  # pylint: disable=g-import-not-at-top
-  from phatgoose_jax.models import cross_entropy_loss  # pylint: disable=g-import-not-at-top
   cfg = ctx.cfg
-  start = poly.add_task_rows(variables["adapters"], 1, "uniform")
-  new_id = len(ctx.experts)
-  mask = poly.trainable_mask(start, "z_row", new_id)
-  tx = poly.poly_optimizer(cfg.poly_lr, cfg.poly_z_lr)
-  params = variables["params"]
-
-  def loss_fn(a, batch, rng):
-    ids = jnp.full((batch["encoder_input_tokens"].shape[0],), new_id, jnp.int32)
-    logits = model.apply({"params": params, "adapters": a}, batch["encoder_input_tokens"],
-                         batch["decoder_input_tokens"], batch["decoder_target_tokens"],
-                         enable_dropout=False, rngs={"routing": rng},
-                         site_inputs={"task_ids": ids, "training": True})
-    return cross_entropy_loss(logits, batch["decoder_target_tokens"],
-                              batch["decoder_loss_weights"])[0]
-
-  @jax.jit
-  def step(a, o, batch, rng):
-    loss, grads = jax.value_and_grad(loss_fn)(a, batch, rng)
-    grads = jax.tree.map(lambda g, m: g * m, grads, mask)
-    updates, o = tx.update(grads, o, a)
-    updates = jax.tree.map(lambda u, m: u * m, updates, mask)
-    return optax.apply_updates(a, updates), o, loss
-
+  adapt = poly.PolyAdaptConfig(train="z", new_row_init="uniform", steps=cfg.poly_adapt_steps,
+                               learning_rate=cfg.poly_lr, z_learning_rate=cfg.poly_z_lr)
   out = {}
   for t_i, task in enumerate(_heldout_tasks()):
     batch = {key: jnp.asarray(v) for key, v in fewshot_batch(ctx, task).items()}
-    a, o, losses = start, tx.init(start), []
-    for i in range(cfg.poly_adapt_steps):
-      a, o, loss = step(a, o, batch, jax.random.fold_in(jax.random.key(cfg.seed + 500 + t_i), i))
-      losses.append(float(loss))
-    out[task] = {"params": params, "adapters": jax.device_get(a)}
+    adapted, new_id, losses = poly.adapt_to_new_task(
+        model, variables, [batch], jax.random.key(cfg.seed + 500 + t_i), adapt)
+    if new_id != len(ctx.experts):
+      raise ValueError(f"{label}-z: the new task row is {new_id}, expected {len(ctx.experts)}")
+    out[task] = {"params": variables["params"], "adapters": jax.device_get(adapted["adapters"])}
     if losses:
       ctx.progress.line(f"  {label}-z {task}: {cfg.fewshot_examples}-shot loss {losses[0]:.3f} "
                         f"-> {losses[-1]:.3f}")

@@ -40,6 +40,7 @@ Composition"; official code sail-sg/lorahub ``lorahub/algorithm.py``):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -220,6 +221,46 @@ def _as_batches(batches: Any) -> List[Dict[str, np.ndarray]]:
   return out
 
 
+@functools.lru_cache(maxsize=16)
+def _combined_batch_loss(model: Any, combine: str) -> Callable:
+  """``loss(params, stacked, w, batch)`` of the combined model, one jitted function per (model,
+  combine): base params, the stacked experts, the weights and the batch are inputs, so new
+  candidates, new few-shot tasks and new expert values reuse its compilation."""
+
+  @jax.jit
+  def batch_loss(params, stacked_j, w, batch):
+    adapters = combined_adapters(stacked_j, w, combine)
+    logits = model.apply({"params": params, "adapters": adapters}, batch["encoder_input_tokens"],
+                         batch["decoder_input_tokens"], batch["decoder_target_tokens"],
+                         enable_dropout=False)
+    loss, _ = cross_entropy_loss(logits, batch["decoder_target_tokens"],
+                                 batch["decoder_loss_weights"])
+    return loss
+
+  return batch_loss
+
+
+@functools.lru_cache(maxsize=16)
+def _finetune_step(model: Any, learning_rate: float) -> Tuple[Any, Callable]:
+  """(Adam, jitted step) of `finetune_stacked` for one single-LoRA model (its scale included)."""
+  opt = optax.adam(learning_rate)
+
+  def loss_of(adapters, params, batch):
+    logits = model.apply({"params": params, "adapters": adapters},
+                         batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+                         batch["decoder_target_tokens"], enable_dropout=False)
+    return cross_entropy_loss(logits, batch["decoder_target_tokens"],
+                              batch["decoder_loss_weights"])[0]
+
+  @jax.jit
+  def train_step(adapters, opt_state, params, batch):
+    grads = jax.grad(loss_of)(adapters, params, batch)
+    updates, opt_state = opt.update(grads, opt_state, adapters)
+    return optax.apply_updates(adapters, updates), opt_state
+
+  return opt, train_step
+
+
 def make_loss_fn(t5_config: T5Config, params: Any, stacked: Stacked, batches: Any,
                  combine: str, loss_reduction: str = "mean") -> Callable[[np.ndarray], float]:
   """``loss(w [E]) -> float``: few-shot loss of the combined model, compiled once.
@@ -241,16 +282,10 @@ def make_loss_fn(t5_config: T5Config, params: Any, stacked: Stacked, batches: An
   batches = _as_batches(batches)
   model = single_lora_model(t5_config, list(stacked), combined_rank(stacked, combine))
   stacked_j = {s: {k: jnp.asarray(v) for k, v in e.items()} for s, e in stacked.items()}
+  shared_loss = _combined_batch_loss(model, combine)
 
-  @jax.jit
   def batch_loss(w, batch):
-    adapters = combined_adapters(stacked_j, w, combine)
-    logits = model.apply({"params": params, "adapters": adapters}, batch["encoder_input_tokens"],
-                         batch["decoder_input_tokens"], batch["decoder_target_tokens"],
-                         enable_dropout=False)
-    loss, _ = cross_entropy_loss(logits, batch["decoder_target_tokens"],
-                                 batch["decoder_loss_weights"])
-    return loss
+    return shared_loss(params, stacked_j, w, batch)
 
   num_examples = sum(b["encoder_input_tokens"].shape[0] for b in batches)
 
@@ -261,7 +296,7 @@ def make_loss_fn(t5_config: T5Config, params: Any, stacked: Stacked, batches: An
     total = sum(float(batch_loss(w, b)) for b in batches)
     return total / (num_examples if loss_reduction == "per_example" else len(batches))
 
-  loss_fn.batch_loss = batch_loss  # exposed for tests (one compilation)
+  loss_fn.batch_loss = shared_loss  # exposed for tests (one compilation)
   return loss_fn
 
 
@@ -350,34 +385,15 @@ def finetune_stacked(t5_config: T5Config, params: Any, stacked: Stacked, batches
   sites = list(stacked)
   rank = int(np.shape(stacked[sites[0]]["lora_a"])[2])
   scales = np.asarray(stacked[sites[0]]["scale"], np.float64)
-  opt = optax.adam(learning_rate)
-  steps_by_scale: Dict[float, Callable] = {}
   for e in range(num):
-    scale = float(scales[e])
-    if scale not in steps_by_scale:
-      model = single_lora_model(t5_config, sites, rank, scale)
-
-      def loss_of(adapters, batch, model=model):
-        logits = model.apply({"params": params, "adapters": adapters},
-                             batch["encoder_input_tokens"], batch["decoder_input_tokens"],
-                             batch["decoder_target_tokens"], enable_dropout=False)
-        return cross_entropy_loss(logits, batch["decoder_target_tokens"],
-                                  batch["decoder_loss_weights"])[0]
-
-      @jax.jit
-      def train_step(adapters, opt_state, batch, loss_of=loss_of):
-        grads = jax.grad(loss_of)(adapters, batch)
-        updates, opt_state = opt.update(grads, opt_state, adapters)
-        return optax.apply_updates(adapters, updates), opt_state
-
-      steps_by_scale[scale] = train_step
-    train_step = steps_by_scale[scale]
+    model = single_lora_model(t5_config, sites, rank, float(scales[e]))
+    opt, train_step = _finetune_step(model, float(learning_rate))
     adapters = to_adapters_tree({s: {"lora_a": jnp.asarray(stacked[s]["lora_a"][e], jnp.float32),
                                      "lora_b": jnp.asarray(stacked[s]["lora_b"][e], jnp.float32)}
                                  for s in sites})
     opt_state = opt.init(adapters)
     for i in range(steps):
-      adapters, opt_state = train_step(adapters, opt_state, batches[i % len(batches)])
+      adapters, opt_state = train_step(adapters, opt_state, params, batches[i % len(batches)])
     for s in sites:
       node = adapters
       for part in s.split("/"):

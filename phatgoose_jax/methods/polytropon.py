@@ -30,6 +30,7 @@ Letters: B batch, L tokens, D site input, F site output, R LoRA rank, K skills, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
@@ -384,6 +385,45 @@ class PolyAdaptConfig:
       raise PolytroponError(f"PolyAdaptConfig.steps must be >= 0, got {self.steps!r}")
 
 
+# Times the adaptation step was traced (the cache below keeps it at one per model / config /
+# shapes; tests read it).
+ADAPT_STEP_TRACES = [0]
+
+
+@functools.lru_cache(maxsize=32)
+def _adapt_step(model: nn.Module, config: "PolyAdaptConfig", enable_dropout: bool):
+  """(optimiser, jitted step) of `adapt_to_new_task`, built once per (model, config, dropout).
+
+  Everything that varies between calls (base params, adapters, the trainable mask, the new
+  task id, the batch, the rng) is an argument, so repeated adaptations with the same shapes
+  (e.g. one new task at a time from the same trained inventory) reuse one compilation.
+  """
+  tx = poly_optimizer(config.learning_rate, config.z_learning_rate)
+
+  def loss_fn(adapters, params, batch, step_rng, new_id):
+    ids = jnp.full((batch["encoder_input_tokens"].shape[0],), new_id, jnp.int32)
+    r_rng, d_rng = jax.random.split(step_rng)
+    logits = model.apply({"params": params, ADAPTERS: adapters}, batch["encoder_input_tokens"],
+                         batch["decoder_input_tokens"], batch["decoder_target_tokens"],
+                         enable_dropout=enable_dropout,
+                         site_inputs={"task_ids": ids, "training": True},
+                         rngs={"routing": r_rng, "dropout": d_rng})
+    targets = batch["decoder_target_tokens"]
+    weights = batch.get("decoder_loss_weights", targets > 0)
+    return cross_entropy_loss(logits, targets, weights)[0]
+
+  @jax.jit
+  def step(adapters, opt_state, params, mask, batch, step_rng, new_id):
+    ADAPT_STEP_TRACES[0] += 1
+    loss, grads = jax.value_and_grad(loss_fn)(adapters, params, batch, step_rng, new_id)
+    grads = jax.tree.map(lambda g, m: g * m, grads, mask)
+    updates, opt_state = tx.update(grads, opt_state, adapters)
+    updates = jax.tree.map(lambda u, m: u * m, updates, mask)
+    return optax.apply_updates(adapters, updates), opt_state, loss
+
+  return tx, step
+
+
 def adapt_to_new_task(model: nn.Module, variables: Mapping[str, Any],
                       batches: Sequence[Mapping[str, Array]], rng: Array,
                       config: PolyAdaptConfig = PolyAdaptConfig(),
@@ -398,6 +438,9 @@ def adapt_to_new_task(model: nn.Module, variables: Mapping[str, Any],
     rng: for the Gumbel-sigmoid ('routing') and dropout.
   Returns:
     (new variables, the new task id, list of per-step float losses).
+
+  The step is compiled once per (model, config, enable_dropout) and input shapes, so adapting
+  to several new tasks one at a time from the same inventory compiles once.
   """
   if not batches:
     raise PolytroponError("adapt_to_new_task: batches must be a non-empty sequence")
@@ -410,34 +453,16 @@ def adapt_to_new_task(model: nn.Module, variables: Mapping[str, Any],
         adapters, trainable_mask(adapters, "z_row", new_id))
   else:
     mask = trainable_mask(adapters, "z_row" if config.train == "z" else "skills", new_id)
-  tx = poly_optimizer(config.learning_rate, config.z_learning_rate)
+  tx, step = _adapt_step(model, config, enable_dropout)
   opt_state = tx.init(adapters)
   params = variables["params"]
-
-  def loss_fn(adapters, batch, step_rng):
-    ids = jnp.full((batch["encoder_input_tokens"].shape[0],), new_id, jnp.int32)
-    r_rng, d_rng = jax.random.split(step_rng)
-    logits = model.apply({"params": params, ADAPTERS: adapters}, batch["encoder_input_tokens"],
-                         batch["decoder_input_tokens"], batch["decoder_target_tokens"],
-                         enable_dropout=enable_dropout,
-                         site_inputs={"task_ids": ids, "training": True},
-                         rngs={"routing": r_rng, "dropout": d_rng})
-    targets = batch["decoder_target_tokens"]
-    weights = batch.get("decoder_loss_weights", targets > 0)
-    return cross_entropy_loss(logits, targets, weights)[0]
-
-  @jax.jit
-  def step(adapters, opt_state, batch, step_rng):
-    loss, grads = jax.value_and_grad(loss_fn)(adapters, batch, step_rng)
-    grads = jax.tree.map(lambda g, m: g * m, grads, mask)
-    updates, opt_state = tx.update(grads, opt_state, adapters)
-    updates = jax.tree.map(lambda u, m: u * m, updates, mask)
-    return optax.apply_updates(adapters, updates), opt_state, loss
+  new_id_arr = jnp.asarray(new_id, jnp.int32)
 
   losses = []
   for i in range(config.steps):
     batch = {k: jnp.asarray(v) for k, v in batches[i % len(batches)].items()}
-    adapters, opt_state, loss = step(adapters, opt_state, batch, jax.random.fold_in(rng, i))
+    adapters, opt_state, loss = step(adapters, opt_state, params, mask, batch,
+                                     jax.random.fold_in(rng, i), new_id_arr)
     losses.append(float(loss))
   out = dict(variables)
   out[ADAPTERS] = adapters

@@ -68,6 +68,23 @@ def test_loss_compiled_once_and_lowest_at_target_vertex(problem):
     loss_fn(np.ones(E + 1))
 
 
+def test_new_tasks_and_expert_values_reuse_the_compilations(problem):
+  params, stacked, batch = problem
+  first = M.make_loss_fn(CFG, params, stacked, batch, "delta")
+  w = np.full(E, 1 / E)
+  value = first(w)
+  other = {s: dict(e, lora_b=e["lora_b"] * 2.0) for s, e in stacked.items()}
+  second = M.make_loss_fn(CFG, params, other, dict(batch), "delta")  # new values, same shapes
+  assert second.batch_loss is first.batch_loss
+  assert second(w) != pytest.approx(value)  # the new experts are used...
+  assert second.batch_loss._cache_size() == 1  # ... by the same compiled program
+  M.finetune_stacked(CFG, params, stacked, batch, 1, 1e-3)
+  before = M._finetune_step.cache_info()
+  M.finetune_stacked(CFG, params, other, batch, 1, 1e-3)
+  after = M._finetune_step.cache_info()
+  assert after.misses == before.misses and after.hits == before.hits + E
+
+
 def test_dfwe_puts_weight_on_the_target_expert(problem):
   params, stacked, batch = problem
   cfg = M.DFWEConfig(finetune_steps=3, budget=40, seed=1)

@@ -233,6 +233,20 @@ def test_mhr_z_adaptation_trains_only_the_new_row(tiny_poly):
   jax.tree.map(np.testing.assert_array_equal, out["params"], v["params"])
 
 
+def test_repeated_adaptation_reuses_one_compiled_step(tiny_poly):
+  model, v, batch = tiny_poly
+  cfg = poly.PolyAdaptConfig(train="z", steps=2, z_learning_rate=0.3)
+  first, _, losses_1 = poly.adapt_to_new_task(model, v, [batch], jax.random.PRNGKey(5), cfg)
+  traces = poly.ADAPT_STEP_TRACES[0]
+  other = dict(batch, decoder_target_tokens=np.roll(np.asarray(batch["decoder_target_tokens"]), 1,
+                                                    axis=0))
+  second, _, losses_2 = poly.adapt_to_new_task(model, v, [other], jax.random.PRNGKey(6), cfg)
+  assert poly.ADAPT_STEP_TRACES[0] == traces  # same model, config and shapes: no retrace
+  assert losses_1 != losses_2  # ... yet the second call used its own batch and rng
+  z = lambda out: out["adapters"]["decoder"]["layers_0"]["mlp"]["wo"]["module_logits"]
+  assert not np.allclose(z(first)[-1], z(second)[-1])
+
+
 def test_z_and_skills_adaptation_updates_skills(tiny_poly):
   model, v, batch = tiny_poly
   cfg = poly.PolyAdaptConfig(train="z_and_skills", steps=2, learning_rate=1e-2)
