@@ -1,8 +1,8 @@
 """The on-disk expert library: LoRA experts (+ PHATGOOSE gates / prototypes) for one base T5.
 
 * `format`: directory layout, metadata, atomic writes, verification (`LibraryError`).
-* `library`: `ExpertLibrary` (create/open/add/set_vectors/remove/load/stack), `to_adapters_tree`,
-  `place_stacked`.
+* `library`: `ExpertLibrary` (create/open/add/set_vectors/remove/load/stack).
+* `trees`: `to_adapters_tree`, `lora_from_adapters_tree`, `place_stacked`.
 * `peft_import`: Hugging Face PEFT LoRA adapters -> t5x sites.
 * `official_import`: official PyTorch PHATGOOSE ``best.pt`` -> t5x sites (needs the torch extra).
 
@@ -15,8 +15,9 @@ Typical use::
 """
 from phatgoose_jax.library.format import (FORMAT_VERSION, LibraryError, base_fingerprint,
                                           validate_kind, validate_name)
-from phatgoose_jax.library.library import (Expert, ExpertLibrary, lora_from_adapters_tree,
-                                           place_stacked, site_shapes, to_adapters_tree)
+from phatgoose_jax.library.library import Expert, ExpertLibrary, site_shapes
+from phatgoose_jax.library.trees import (lora_from_adapters_tree, place_stacked,
+                                         to_adapters_tree)
 from phatgoose_jax.library.official_import import (import_phatgoose_checkpoint,
                                                    import_phatgoose_experts)
 from phatgoose_jax.library.peft_import import (add_peft_adapter, hf_module_to_site,
