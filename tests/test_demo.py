@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from phatgoose_jax import demo, demo_methods
+from phatgoose_jax import demo, demo_base, demo_methods
 from phatgoose_jax.data import synthetic
 
 
@@ -140,8 +140,8 @@ def test_library_of_the_run_holds_gated_experts(quick_run):
 
 def test_pretraining_examples_are_deterministic_and_well_formed():
   corpus = synthetic.synthetic_corpus(50, 0)
-  a = demo.pretraining_examples(corpus, random.Random("s"))
-  b = demo.pretraining_examples(corpus, random.Random("s"))
+  a = demo_base.pretraining_examples(corpus, random.Random("s"))
+  b = demo_base.pretraining_examples(corpus, random.Random("s"))
   assert a == b and len(a) == len(corpus)
   for line, ex in zip(corpus, a):
     assert ex["inputs"] and ex["targets"]
