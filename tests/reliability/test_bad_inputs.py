@@ -258,6 +258,8 @@ CASES: Dict[str, tuple] = {
     "train_lengths_missing_targets": ("train", _with(TRAIN, TASK_FEATURE_LENGTHS="{'inputs': 8}"),
                                       s_none, ["TASK_FEATURE_LENGTHS", "targets"]),
     "train_batch_size_zero": ("train", _with(TRAIN, BATCH_SIZE="0"), s_none, ["BATCH_SIZE"]),
+    "train_bad_validation": ("train", _with(TRAIN, VALIDATION="'tasks'"), s_none,
+                             ["train.validation", "'tasks'"]),
     "train_learning_rate_inf": ("train", _with(TRAIN, LEARNING_RATE="1e999"), s_none,
                                 ["learning_rate", "inf"]),
     # --- base checkpoints ---
