@@ -52,3 +52,14 @@ def test_bad_mode_names_the_variable():
   proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2
   assert cpu_malloc.ENV_VAR in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("module", ["phatgoose_jax.train", "phatgoose_jax.eval"])
+def test_entry_points_refuse_a_bad_mode_in_one_line(module):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **{cpu_malloc.ENV_VAR: "fast"})
+  proc = subprocess.run([sys.executable, "-m", module, "--gin_file=runs/train_expert.gin"],
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert cpu_malloc.ENV_VAR in lines[-1] and "'fast'" in lines[-1]
+  assert "Traceback" not in proc.stderr
