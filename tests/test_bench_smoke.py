@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,3 +59,29 @@ def test_unknown_part_is_a_clear_error(tmp_path):
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode != 0
   assert "--parts" in proc.stderr and "nope" in proc.stderr
+
+
+def test_trace_routing_smoke_reports_every_site_and_times_the_encoder(tmp_path):
+  script = os.path.join(ROOT, "scripts", "trace_routing.py")
+  proc = subprocess.run([sys.executable, script, "--smoke", "--experts", "3", "--time",
+                         "--layers", "0", "--repeats", "1", "--malloc", "system"],
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.splitlines()
+  sites = [l for l in lines if l.startswith("  ") and " T=" in l]
+  timed = [l for l in lines if l.startswith("  time ")]
+  # tiny model: 1 encoder layer (7 sites) + 1 decoder layer (11 sites incl. cross k/v)
+  assert len(sites) == 18 and len(timed) == 7
+  assert all("sorted_cg=" in l and "chunked_gather=" in l for l in timed)
+
+
+def test_trace_routing_stats():
+  sys.path.insert(0, os.path.join(ROOT, "scripts"))
+  try:
+    import trace_routing  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.pop(0)
+  idx = np.array([[0, 1], [0, 2], [0, 1], [3, 0]])
+  s = trace_routing.stats(idx, 5)
+  assert s == {"tokens": 4, "max_rows": 4, "mean_rows": 8 / 5, "used": 4, "top8_share": 1.0}
