@@ -5,10 +5,10 @@ library per site shape, E experts), runs one teacher-forced forward with
 ``AdapterConfig(trace=True)`` and prints, per routed site: tokens T, the largest number of
 assignments on one expert (against the mean T*K/E), how many experts are used and the share of
 the 8 busiest. With ``--time`` it then times, on the traced routings of the encoder sites of
-``--layers``, the LoRA part alone (ms, minimum of ``--repeats``) with: the default `sorted`, `sorted`
-with each exact fallback forced (``blocked``, ``chunked_gather``) and the ``chunked_gather``
-backend, next to the site's base GEMM. docs/benchmarks.md ("How skewed the benchmark model's
-routing is", "Changes in session 2") quotes these figures.
+``--layers``, the LoRA part alone (ms, minimum of ``--repeats``) with: the default `sorted`,
+`sorted` with each exact fallback forced (``blocked``, ``chunked_gather``) and the
+``chunked_gather`` backend, next to the site's base GEMM. docs/benchmarks.md ("How skewed the
+benchmark model's routing is", "Changes in session 2") quotes these figures.
 
 Usage: python scripts/trace_routing.py [--experts 36 166] [--time] [--layers 0,5,10]
                                        [--malloc heap|system] [--smoke]
@@ -74,12 +74,8 @@ def site_dims(cfg: br.Settings, site: str) -> tuple:
 def time_site(indices: np.ndarray, dims: tuple, experts: int, repeats: int) -> dict:
   """ms of the base GEMM and of the LoRA part with each CPU path, on these routing indices."""
   d, f = dims
-  rng = np.random.default_rng(0)
-  t = indices.shape[0]
-  x = jnp.asarray(rng.standard_normal((t, d), np.float32))
-  w = jnp.asarray(rng.standard_normal((d, f), np.float32) / np.sqrt(d))
-  a = jnp.asarray(rng.standard_normal((experts, d, br.R), np.float32) * 0.01)
-  b = jnp.asarray(rng.standard_normal((experts, br.R, f), np.float32) * 0.01)
+  # The one-site problem of bench_routing (same random x, base kernel and LoRA factors).
+  x, w, a, b, _, _ = br._site_problem(indices.shape[0], d, f, experts)  # noqa: SLF001
   routing = rt.Routing(jnp.asarray(indices), jnp.full(indices.shape, 0.5, jnp.float32))
   variants = {"sorted": ("sorted", {}),
               "sorted_blocked": ("sorted", {"fallback": "blocked"}),
