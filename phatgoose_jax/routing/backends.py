@@ -56,19 +56,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from phatgoose_jax.routing.cpu_grouped import (DEFAULT_CAPACITY_FACTOR, SORTED_FALLBACKS,
-                                               _chunked_capacity, _chunked_gather_coef,
-                                               _grouped_blocked, sorted_block_rows,
-                                               sorted_chunk_tokens)
-from phatgoose_jax.routing import cpu_grouped as _cpu
+# The CPU paths and their size rules; chunk_byte_budget, gather_chunk_assignments,
+# sorted_capacity and sorted_fallback are re-exported here, next to the backends that use them.
+from phatgoose_jax.routing.cpu_grouped import (  # noqa: F401
+    DEFAULT_CAPACITY_FACTOR, SORTED_FALLBACKS, _chunked_capacity, _chunked_gather_coef,
+    _grouped_blocked, chunk_byte_budget, gather_chunk_assignments, sorted_block_rows,
+    sorted_capacity, sorted_chunk_tokens, sorted_fallback)
 from phatgoose_jax.routing.types import Routing, RoutingError, check_routing
 
 BACKENDS = ("auto", "oracle", "dense", "gather", "sorted", "chunked_gather")
-# The CPU size rules (`routing.cpu_grouped`), re-exported next to the backends that use them.
-chunk_byte_budget = _cpu.chunk_byte_budget
-gather_chunk_assignments = _cpu.gather_chunk_assignments
-sorted_capacity = _cpu.sorted_capacity
-sorted_fallback = _cpu.sorted_fallback
 Scale = Union[float, jax.Array]
 
 # Heuristic thresholds for choose_backend (see its docstring).
