@@ -39,4 +39,7 @@ setuptools.setup(
     },
     entry_points={"console_scripts": ["phatgoose-jax=phatgoose_jax.cli:main"]},
     include_package_data=True,
+    # The native XLA:CPU routed-LoRA kernel is compiled on first use from this source
+    # (phatgoose_jax/routing/cpu_kernel.py).
+    package_data={"phatgoose_jax.routing": ["kernels/*.cc"]},
 )

@@ -172,6 +172,6 @@ class RoutedLoraSite(DenseSite):
     if self.trace:
       self.sow("intermediates", "routing", (routing.indices, routing.weights))
     with jax.named_scope("routed_lora"):
-      delta = rt.routed_lora(jnp.asarray(x, self.dtype), lora_a, lora_b, routing, scale,
-                             backend=self.backend)  # [..., F]
-    return y + delta.astype(self.dtype)
+      # y + delta; the 'cpu_kernel' backend accumulates into y's buffer (no extra pass).
+      return rt.routed_lora(jnp.asarray(x, self.dtype), lora_a, lora_b, routing, scale,
+                            backend=self.backend, add_to=y).astype(self.dtype)  # [..., F]

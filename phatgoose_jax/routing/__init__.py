@@ -6,6 +6,7 @@ from phatgoose_jax.routing.arrow import ARROW_VARIANTS
 from phatgoose_jax.routing.arrow import arrow_prototypes
 from phatgoose_jax.routing.arrow import arrow_route
 from phatgoose_jax.routing.backends import BACKENDS
+from phatgoose_jax.routing.backends import auto_backend
 from phatgoose_jax.routing.backends import choose_backend
 from phatgoose_jax.routing.backends import routed_lora
 from phatgoose_jax.routing.scores import PHATGOOSE_LN_EPS
@@ -28,6 +29,7 @@ __all__ = [
     "RoutingError",
     "arrow_prototypes",
     "arrow_route",
+    "auto_backend",
     "choose_backend",
     "one_hot_routing",
     "phatgoose_route",

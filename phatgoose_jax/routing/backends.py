@@ -62,9 +62,10 @@ from phatgoose_jax.routing.cpu_grouped import (  # noqa: F401
     DEFAULT_CAPACITY_FACTOR, SORTED_FALLBACKS, _chunked_capacity, _chunked_gather_coef,
     _grouped_blocked, chunk_byte_budget, gather_chunk_assignments, sorted_block_rows,
     sorted_capacity, sorted_chunk_tokens, sorted_fallback)
+from phatgoose_jax.routing import cpu_kernel
 from phatgoose_jax.routing.types import Routing, RoutingError, check_routing
 
-BACKENDS = ("auto", "oracle", "dense", "gather", "sorted", "chunked_gather")
+BACKENDS = ("auto", "oracle", "dense", "gather", "sorted", "chunked_gather", "cpu_kernel")
 Scale = Union[float, jax.Array]
 
 # Heuristic thresholds for choose_backend (see its docstring).
@@ -125,6 +126,16 @@ def choose_backend(num_tokens: int, dim_in: int, num_experts: int, rank: int, to
   return "sorted" if num_experts > 8 * top_k else "dense"
 
 
+def auto_backend(num_tokens: int, dim_in: int, num_experts: int, rank: int, top_k: int,
+                 dtype=jnp.float32) -> str:
+  """What ``routed_lora(backend='auto')`` runs: ``'cpu_kernel'`` for float32 on a single CPU
+  device when the native kernel is built (`cpu_kernel.auto_eligible`; it measured faster than
+  every JAX CPU path at every benchmarked shape, docs/benchmarks.md), else `choose_backend`."""
+  if cpu_kernel.auto_eligible(dtype):
+    return "cpu_kernel"
+  return choose_backend(num_tokens, dim_in, num_experts, rank, top_k)
+
+
 def _expert_scale(scale: Scale, num_experts: int) -> jax.Array:
   """``scale`` (python float, scalar or [E]) as a float32 [E] vector."""
   s = jnp.asarray(scale)
@@ -174,6 +185,39 @@ def _gather(x, a, b, idx, w, scale):
   return jnp.einsum("tkf,tk->tf", y, coef)
 
 
+def sorted_cpu_coef(x, a, b, idx, coef, block_rows=None, capacity_factor=None,
+                    chunk_tokens=None, fallback="auto"):
+  """The CPU (no ``ragged_dot``) ``sorted`` path on per-assignment coefficients.
+
+  Args:
+    x: [T, D]; a: [E, D, R]; b: [E, R, F]; idx: [T, K] int32; coef: [T, K] in ``x.dtype``;
+    options as ``routed_lora(backend='sorted')``.
+
+  Returns:
+    [T, F].
+  """
+  t, k = idx.shape
+  e = a.shape[0]
+  n = t * k
+  if capacity_factor is None:
+    capacity_factor = 0.0 if block_rows is not None else DEFAULT_CAPACITY_FACTOR
+  if capacity_factor <= 0:
+    s = sorted_block_rows(n, e) if block_rows is None else int(block_rows)
+    return _grouped_blocked(x, a, b, idx, coef, max(1, min(s, n)))
+  if fallback not in SORTED_FALLBACKS:
+    raise RoutingError(f"routed_lora: sorted fallback must be one of {SORTED_FALLBACKS}, got "
+                       f"{fallback!r}")
+  dim = max(a.shape[1], b.shape[2])
+  if chunk_tokens is not None:
+    tc = max(1, min(int(chunk_tokens), t))
+    return _chunked_capacity(x, a, b, idx, coef, tc, capacity_factor, block_rows, fallback)
+  # A wrapping lax.cond that picked small chunks for balanced routings and large ones for
+  # skewed routings measured slower than either (XLA:CPU: +8 ms on a 53 ms site), so the
+  # chunk size is static (`sorted_chunk_tokens`, budget by allocator mode).
+  tc = sorted_chunk_tokens(t, k, dim, capacity_factor, e)
+  return _chunked_capacity(x, a, b, idx, coef, tc, capacity_factor, block_rows, fallback)
+
+
 def _sorted(x, a, b, idx, w, scale, use_ragged_dot=None, block_rows=None, capacity_factor=None,
             chunk_tokens=None, fallback="auto"):
   t, k = idx.shape
@@ -183,23 +227,8 @@ def _sorted(x, a, b, idx, w, scale, use_ragged_dot=None, block_rows=None, capaci
     use_ragged_dot = jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
   coef = _coefficients(idx, w, scale, x.dtype)  # [T, K]
   if not use_ragged_dot:
-    if capacity_factor is None:
-      capacity_factor = 0.0 if block_rows is not None else DEFAULT_CAPACITY_FACTOR
-    if capacity_factor <= 0:
-      s = sorted_block_rows(n, e) if block_rows is None else int(block_rows)
-      return _grouped_blocked(x, a, b, idx, coef, max(1, min(s, n)))
-    if fallback not in SORTED_FALLBACKS:
-      raise RoutingError(f"routed_lora: sorted fallback must be one of {SORTED_FALLBACKS}, got "
-                         f"{fallback!r}")
-    dim = max(a.shape[1], b.shape[2])
-    if chunk_tokens is not None:
-      tc = max(1, min(int(chunk_tokens), t))
-      return _chunked_capacity(x, a, b, idx, coef, tc, capacity_factor, block_rows, fallback)
-    # A wrapping lax.cond that picked small chunks for balanced routings and large ones for
-    # skewed routings measured slower than either (XLA:CPU: +8 ms on a 53 ms site), so the
-    # chunk size is static (`sorted_chunk_tokens`, budget by allocator mode).
-    tc = sorted_chunk_tokens(t, k, dim, capacity_factor, e)
-    return _chunked_capacity(x, a, b, idx, coef, tc, capacity_factor, block_rows, fallback)
+    return sorted_cpu_coef(x, a, b, idx, coef, block_rows, capacity_factor, chunk_tokens,
+                           fallback)
   flat_ids = idx.reshape(n)  # [N]
   order = jnp.argsort(flat_ids, stable=True)  # [N]
   token_of = order // k  # [N] source token of each sorted assignment
@@ -228,7 +257,8 @@ _OPTIONS = {"sorted": ("use_ragged_dot", "block_rows", "capacity_factor", "chunk
 
 
 def routed_lora(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array, routing: Routing,
-                scale: Scale = 1.0, backend: str = "auto", **backend_kwargs) -> jax.Array:
+                scale: Scale = 1.0, backend: str = "auto", *, add_to: jax.Array | None = None,
+                **backend_kwargs) -> jax.Array:
   """Applies a routed library of LoRA experts to ``x``.
 
   ``out[t] = sum_k routing.weights[t,k] * scale[e] * (x[t] @ lora_a[e]) @ lora_b[e]`` with
@@ -243,7 +273,11 @@ def routed_lora(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array, routing: Rou
     scale: python float, scalar, or [E] per-expert scale (imported experts may differ, e.g.
       ``alpha / r`` of each PEFT adapter, or PHATGOOSE's ``1 / d_bottleneck``).
     backend: one of ``'auto'``, ``'oracle'``, ``'dense'``, ``'gather'``, ``'sorted'``,
-      ``'chunked_gather'``.
+      ``'chunked_gather'``, ``'cpu_kernel'`` (`phatgoose_jax.routing.cpu_kernel`; float32, CPU).
+      ``'auto'`` takes ``'cpu_kernel'`` for float32 on a single CPU device when the kernel is
+      built (`cpu_kernel.auto_eligible`), else `choose_backend`.
+    add_to: optional [..., F] (e.g. the base projection ``x @ W``) returned plus the routed
+      delta; ``'cpu_kernel'`` accumulates into its buffer instead of adding a second pass.
     **backend_kwargs: options of ``'sorted'`` (``use_ragged_dot``, ``block_rows``,
       ``capacity_factor``, ``chunk_tokens``, ``fallback``; CPU path options, see the module
       docstring) or of
@@ -251,7 +285,7 @@ def routed_lora(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array, routing: Rou
       it does not pick are ignored.
 
   Returns:
-    [..., F] in ``x.dtype``.
+    [..., F] in ``x.dtype`` (``add_to + delta`` when ``add_to`` is given).
   """
   x = jnp.asarray(x)
   lora_a = jnp.asarray(lora_a)
@@ -279,8 +313,12 @@ def routed_lora(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array, routing: Rou
   batch_shape = x.shape[:-1]
   num_tokens = int(np.prod(batch_shape, dtype=np.int64))
   top_k = routing.top_k
+  out_shape = batch_shape + (lora_b.shape[-1],)
+  if add_to is not None and tuple(jnp.shape(add_to)) != out_shape:
+    raise RoutingError(f"routed_lora: add_to shape {tuple(jnp.shape(add_to))} must be "
+                       f"{out_shape}")
   if backend == "auto":
-    backend = choose_backend(num_tokens, dim_in, num_experts, rank, top_k)
+    backend = auto_backend(num_tokens, dim_in, num_experts, rank, top_k, x.dtype)
   scale_vec = _expert_scale(scale, num_experts)  # [E] float32 (float64 under x64)
   x2 = x.reshape(num_tokens, dim_in)  # [T, D]
   idx = routing.indices.reshape(num_tokens, top_k).astype(jnp.int32)  # [T, K]
@@ -290,5 +328,11 @@ def routed_lora(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array, routing: Rou
   b = lora_b.astype(x.dtype)
   # Under 'auto', options of the backends it did not pick are dropped.
   kwargs = {key: v for key, v in backend_kwargs.items() if key in _OPTIONS.get(backend, ())}
+  if backend == "cpu_kernel":
+    base = None if add_to is None else jnp.asarray(add_to).reshape(num_tokens, -1)
+    coef = _coefficients(idx, w, scale_vec, x.dtype)  # [T, K]
+    out = cpu_kernel.routed_lora_cpu(x2, a, b, idx, coef, add_to=base)  # [T, F]
+    return out.astype(x.dtype).reshape(out_shape)
   out = _IMPLS[backend](x2, a, b, idx, w, scale_vec, **kwargs)  # [T, F]
-  return out.astype(x.dtype).reshape(batch_shape + (lora_b.shape[-1],))
+  out = out.astype(x.dtype).reshape(out_shape)
+  return out if add_to is None else (add_to + out).astype(x.dtype)

@@ -23,6 +23,9 @@ VARIANTS = {
     "chunked_gather": ("chunked_gather", {}),
     # 3 assignments per chunk: several chunks, a padded last one, experts split across chunks.
     "chunked_gather_3": ("chunked_gather", {"chunk_assignments": 3}),
+    # The native XLA:CPU custom call (R=3: its scalar-rank path; tests/routing/test_cpu_kernel.py
+    # covers the vector path).
+    "cpu_kernel": ("cpu_kernel", {}),
     "auto": ("auto", {}),
 }
 
@@ -119,7 +122,8 @@ def test_jit(name):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["oracle", "dense", "gather", "sorted", "chunked_gather"])
+@pytest.mark.parametrize("backend", ["oracle", "dense", "gather", "sorted", "chunked_gather",
+                                     "cpu_kernel"])
 def test_single_expert_is_plain_lora(backend):
   rng = np.random.default_rng(5)
   x = rng.normal(size=(2, 3, D)).astype(np.float32)
@@ -183,7 +187,8 @@ def test_bad_inputs_raise_clear_errors():
     rt.routed_lora(x, a, b, r, 1.0, backend="chunked_gather", block_rows=4)
   with pytest.raises(rt.RoutingError, match="chunk_size"):
     rt.routed_lora(x, a, b, r, 1.0, backend="auto", chunk_size=4)
-  assert set(bk.BACKENDS) == {"auto", "oracle", "dense", "gather", "sorted", "chunked_gather"}
+  assert set(bk.BACKENDS) == {"auto", "oracle", "dense", "gather", "sorted", "chunked_gather",
+                              "cpu_kernel"}
 
 
 @pytest.fixture

@@ -1,0 +1,230 @@
+"""Routed LoRA as one native XLA:CPU custom call (the ``cpu_kernel`` backend).
+
+Letters used in shape comments:
+  T tokens, D site input, F site output, E experts, K experts per token, R LoRA rank.
+
+Why: XLA:CPU has no grouped GEMM, so the pure-JAX CPU paths (`phatgoose_jax.routing.cpu_grouped`)
+gather tokens into a padded ``[E, C, D]`` slot grid and run batched matmuls whose 16-wide side
+Eigen handles at a fraction of its GEMM speed; at T5-base dims that costs 0.6-1.2x a base GEMM
+for 8% of its flops (docs/benchmarks.md). ``kernels/routed_lora_cpu.cc`` computes
+
+    y[t] = y_in[t] + sum_k coef[t, k] * (x[t] @ A[idx[t, k]]) @ B[idx[t, k]]
+
+directly: tokens split into contiguous ranges over XLA's intra-op thread pool, each range's
+assignments counting-sorted by expert, each expert's rows in register blocks (h = x A_e scaled
+by coef, then y += h B_e), accumulating into the base projection's output in place
+(``input_output_aliases``). Exact in float32 up to summation order (the tests compare with the
+``oracle`` backend at rtol 1e-5).
+
+Build: the C++ source ships with the package and is compiled on first use with the system
+C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``) against the XLA FFI headers of the
+installed jaxlib (``jax.ffi.include_dir()``), ``-O3 -march=native``, into
+``$PHATGOOSE_JAX_KERNEL_CACHE`` (default ``~/.cache/phatgoose_jax/kernels``) under a name that
+hashes the source, the flags, the compiler and the jaxlib version, so a rebuilt jaxlib or an
+edited source never loads a stale library. The library is written to a temporary file and
+renamed into place (never a half-written library). When no compiler is found or the build
+fails, `available` is False with the reason in `status`, and ``auto`` keeps the JAX paths.
+``PHATGOOSE_JAX_CPU_KERNEL=0`` disables the kernel (``auto`` ignores it and the explicit
+backend raises).
+
+Gradients: `routed_lora_cpu` is a ``jax.custom_vjp``; the forward runs the kernel, the
+backward is the VJP of the exact pure-JAX CPU ``sorted`` path on the saved inputs (so training
+through a routed library costs what it did before, and gradients match the other backends).
+The kernel only takes float32 (``x``, ``A``, ``B``, ``coef``), only runs on the CPU platform,
+and loops (``vmap_method='sequential'``) under ``vmap``.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from phatgoose_jax.routing.types import RoutingError
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "routed_lora_cpu.cc")
+_TARGET = "phatgoose_routed_lora_f32"
+_SYMBOL = "PhatgooseRoutedLoraF32"
+_FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC",
+          "-w")
+ENV_ENABLE = "PHATGOOSE_JAX_CPU_KERNEL"
+ENV_CACHE = "PHATGOOSE_JAX_KERNEL_CACHE"
+
+_LOCK = threading.Lock()
+_STATE = {"ready": None, "status": "not built yet", "path": None}
+
+
+def _compiler() -> Optional[str]:
+  for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+    if name and shutil.which(name):
+      return shutil.which(name)
+  return None
+
+
+def cache_dir() -> str:
+  """Where built kernels are kept (``$PHATGOOSE_JAX_KERNEL_CACHE`` or ~/.cache/...)."""
+  return os.environ.get(ENV_CACHE) or os.path.join(
+      os.path.expanduser("~"), ".cache", "phatgoose_jax", "kernels")
+
+
+def _build(compiler: str) -> str:
+  """Compiles the kernel (or finds it in the cache); returns the shared library's path."""
+  with open(_SOURCE, "rb") as f:
+    source = f.read()
+  version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                           timeout=60).stdout.splitlines()[:1]
+  key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), str(version).encode(),
+                                   jax.__version__.encode(),
+                                   jax.ffi.include_dir().encode()])).hexdigest()[:16]
+  out_dir = cache_dir()
+  path = os.path.join(out_dir, f"routed_lora_cpu-{key}.so")
+  if os.path.exists(path):
+    return path
+  os.makedirs(out_dir, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=".routed_lora_cpu-", suffix=".so", dir=out_dir)
+  os.close(fd)
+  try:
+    cmd = [compiler, *_FLAGS, "-I", jax.ffi.include_dir(), _SOURCE, "-o", tmp]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+      raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): "
+                         f"{proc.stderr.strip()[-2000:]}")
+    os.replace(tmp, path)  # atomic: other processes see no library or a whole one
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return path
+
+
+def _load() -> bool:
+  with _LOCK:
+    if _STATE["ready"] is not None:
+      return _STATE["ready"]
+    if os.environ.get(ENV_ENABLE, "1").strip().lower() in ("0", "false", "no", "off"):
+      _STATE.update(ready=False, status=f"disabled by {ENV_ENABLE}")
+      return False
+    compiler = _compiler()
+    if compiler is None:
+      _STATE.update(ready=False, status="no C++ compiler found ($CXX, c++, g++, clang++)")
+      logging.info("phatgoose_jax: cpu_kernel unavailable: %s", _STATE["status"])
+      return False
+    try:
+      path = _build(compiler)
+      lib = ctypes.cdll.LoadLibrary(path)
+      jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(getattr(lib, _SYMBOL)),
+                                  platform="cpu")
+    except Exception as e:  # pylint: disable=broad-except
+      _STATE.update(ready=False, status=f"build or load failed: {e}")
+      logging.warning("phatgoose_jax: cpu_kernel unavailable, the JAX CPU paths are used: %s", e)
+      return False
+    _STATE.update(ready=True, status=f"built: {path}", path=path)
+    return True
+
+
+def available() -> bool:
+  """True when the kernel is built (building it on first call) and registered."""
+  return _load()
+
+
+def status() -> str:
+  """Why the kernel is or is not available (after `available` has been called)."""
+  _load()
+  return _STATE["status"]
+
+
+def auto_eligible(dtype) -> bool:
+  """Whether ``auto`` should use the kernel: float32 compute on a single CPU device.
+
+  Several (emulated) devices mean a sharded program, where a custom call without a
+  partitioning rule would gather its operands; there ``auto`` keeps the JAX paths.
+  """
+  return (jnp.dtype(dtype) == jnp.float32 and jax.default_backend() == "cpu"
+          and jax.device_count() == 1 and available())
+
+
+def _num_threads() -> int:
+  return max(1, os.cpu_count() or 1)
+
+
+def _call(y_in, x, a, b, idx, coef):
+  """The custom call: ``y_in + routed LoRA`` [T, F] (y_in's buffer is reused for the output)."""
+  return jax.ffi.ffi_call(
+      _TARGET, jax.ShapeDtypeStruct(y_in.shape, jnp.float32), input_output_aliases={0: 0},
+      vmap_method="sequential")(y_in, x, a, b, idx, coef, num_threads=np.int64(_num_threads()))
+
+
+def _reference(y_in, x, a, b, idx, coef):
+  """Pure-JAX equal of `_call` (the CPU ``sorted`` path), differentiated for the backward."""
+  from phatgoose_jax.routing.backends import sorted_cpu_coef  # pylint: disable=g-import-not-at-top
+  return y_in + sorted_cpu_coef(x, a, b, idx, coef)
+
+
+@jax.custom_vjp
+def _routed(y_in, x, a, b, idx, coef):
+  return _call(y_in, x, a, b, idx, coef)
+
+
+def _routed_fwd(y_in, x, a, b, idx, coef):
+  return _call(y_in, x, a, b, idx, coef), (x, a, b, idx, coef)
+
+
+def _routed_bwd(res, g):
+  x, a, b, idx, coef = res
+  _, vjp = jax.vjp(lambda x, a, b, coef: _reference(jnp.zeros_like(g), x, a, b, idx, coef),
+                   x, a, b, coef)
+  gx, ga, gb, gc = vjp(g)
+  gidx = np.zeros(idx.shape, jax.dtypes.float0)
+  return g, gx, ga, gb, gidx, gc
+
+
+_routed.defvjp(_routed_fwd, _routed_bwd)
+
+
+def routed_lora_cpu(x: jax.Array, a: jax.Array, b: jax.Array, idx: jax.Array, coef: jax.Array,
+                    add_to: Optional[jax.Array] = None) -> jax.Array:
+  """``add_to + sum_k coef[t,k] * (x[t] @ a[idx[t,k]]) @ b[idx[t,k]]`` with the native kernel.
+
+  Args:
+    x: [T, D] float32.
+    a: [E, D, R] float32.
+    b: [E, R, F] float32.
+    idx: [T, K] int32 expert ids in [0, E) (checked by the kernel: an id outside raises).
+    coef: [T, K] float32 per-assignment coefficient (routing weight times expert scale).
+    add_to: optional [T, F] float32 added to the result in place of a zero buffer (the base
+      projection's output; its buffer becomes the output's).
+
+  Returns:
+    [T, F] float32.
+
+  Raises:
+    RoutingError: the kernel is unavailable (reason from `status`), the default backend is not
+      the CPU, or an operand is not float32.
+  """
+  if not available():
+    raise RoutingError(f"routed_lora: backend 'cpu_kernel' is unavailable: {status()}")
+  if jax.default_backend() != "cpu":
+    raise RoutingError(f"routed_lora: backend 'cpu_kernel' runs on the CPU platform only, the "
+                       f"default backend is {jax.default_backend()!r}")
+  for name, v in (("x", x), ("lora_a", a), ("lora_b", b), ("coef", coef)):
+    if v.dtype != jnp.float32:
+      raise RoutingError(f"routed_lora: backend 'cpu_kernel' takes float32 only, {name} is "
+                         f"{v.dtype}")
+  t, f = x.shape[0], b.shape[-1]
+  y_in = jnp.zeros((t, f), jnp.float32) if add_to is None else add_to.astype(jnp.float32)
+  return _routed(y_in, x, a, b, idx.astype(jnp.int32), coef)
+
+
+@functools.lru_cache(maxsize=None)
+def describe() -> str:
+  """One line for benchmark environment files: compiler flags and build status."""
+  return f"cpu_kernel: {status()}; flags {' '.join(_FLAGS)}"
