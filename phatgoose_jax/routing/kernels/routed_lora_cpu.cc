@@ -20,6 +20,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -112,12 +113,11 @@ void Block(const float* const* xr, float* const* yr, const float* c, int64_t m,
     }
 }
 
-void TokenRange(const float* x, const float* a, const float* b, const int32_t* idx,
-                const float* coef, float* y, int64_t d, int64_t f, int64_t e, int64_t r,
-                int64_t k, int64_t t0, int64_t t1) {
-  std::vector<int32_t> start, order;
-  SortByExpert(idx, e, k, t0, t1, &start, &order);
-  for (int64_t ex = 0; ex < e; ++ex) {
+// The sorted assignments of experts [e_lo, e_hi) (order/start from SortByExpert), added to y.
+void ExpertRange(const float* x, const float* a, const float* b, const float* coef, float* y,
+                 const std::vector<int32_t>& start, const std::vector<int32_t>& order,
+                 int64_t d, int64_t f, int64_t r, int64_t k, int64_t e_lo, int64_t e_hi) {
+  for (int64_t ex = e_lo; ex < e_hi; ++ex) {
     const float* ae = a + ex * d * r;  // [D, R]
     const float* be = b + ex * r * f;  // [R, F]
     for (int64_t p = start[ex]; p < start[ex + 1];) {
@@ -147,10 +147,41 @@ void TokenRange(const float* x, const float* a, const float* b, const int32_t* i
   }
 }
 
+// Tokens [t0, t1), all experts: a task of the token split.
+void TokenRange(const float* x, const float* a, const float* b, const int32_t* idx,
+                const float* coef, float* y, int64_t d, int64_t f, int64_t e, int64_t r,
+                int64_t k, int64_t t0, int64_t t1) {
+  std::vector<int32_t> start, order;
+  SortByExpert(idx, e, k, t0, t1, &start, &order);
+  ExpertRange(x, a, b, coef, y, start, order, d, f, r, k, 0, e);
+}
+
 struct Shared {
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 };
+
+// Runs run(0..parts-1): parts-1 tasks go to the pool, the caller claims parts as well and then
+// waits only for parts already claimed by running tasks (so a busy pool cannot deadlock it).
+// `run` may reference the caller's stack: every part has finished when RunParts returns, and a
+// task that starts later finds no part left and touches only `shared`.
+template <typename Run>
+void RunParts(ffi::ThreadPool& pool, int64_t parts, std::shared_ptr<Shared> shared, Run& run) {
+  auto claim = [&run](Shared* sh, int64_t parts) {
+    for (;;) {
+      const int64_t p = sh->next.fetch_add(1);
+      if (p >= parts) return;
+      run(p);
+      sh->done.fetch_add(1);
+    }
+  };
+  for (int64_t i = 1; i < parts; ++i) {
+    std::function<void()> task = [shared, parts, &run, claim]() { claim(shared.get(), parts); };
+    pool.Schedule(std::move(task));
+  }
+  claim(shared.get(), parts);
+  while (shared->done.load() < parts) std::this_thread::yield();
+}
 
 ffi::Error RoutedLoraImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y_in, ffi::Buffer<ffi::F32> x,
                           ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
@@ -170,29 +201,18 @@ ffi::Error RoutedLoraImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y_in, ffi:
   if (y_in.dimensions().size() != 2 || y_in.dimensions()[0] != t || y_in.dimensions()[1] != f)
     return ffi::Error::InvalidArgument("routed_lora_cpu: y shape");
   if (y_in.typed_data() != yp) std::memcpy(yp, y_in.typed_data(), sizeof(float) * t * f);
+  const float *xp = x.typed_data(), *ap = a.typed_data(), *bp = b.typed_data(),
+              *cp = coef.typed_data();
   int64_t parts = std::max<int64_t>(1, std::min<int64_t>(num_threads, t / 64));
   if (parts <= 1) {
-    TokenRange(x.typed_data(), a.typed_data(), b.typed_data(), ip, coef.typed_data(), yp, d, f,
-             e, r, k, 0, t);
+    TokenRange(xp, ap, bp, ip, cp, yp, d, f, e, r, k, 0, t);
     return ffi::Error::Success();
   }
   auto shared = std::make_shared<Shared>();
-  const float *xp = x.typed_data(), *ap = a.typed_data(), *bp = b.typed_data(),
-              *cp = coef.typed_data();
-  auto work = [=]() {
-    for (;;) {
-      int64_t p = shared->next.fetch_add(1);
-      if (p >= parts) return;
-      TokenRange(xp, ap, bp, ip, cp, yp, d, f, e, r, k, t * p / parts, t * (p + 1) / parts);
-      shared->done.fetch_add(1);
-    }
+  auto run = [=](int64_t p) {
+    TokenRange(xp, ap, bp, ip, cp, yp, d, f, e, r, k, t * p / parts, t * (p + 1) / parts);
   };
-  for (int64_t i = 1; i < parts; ++i) {
-    auto task = work;
-    pool.Schedule(std::move(task));
-  }
-  work();
-  while (shared->done.load() < parts) std::this_thread::yield();
+  RunParts(pool, parts, shared, run);
   return ffi::Error::Success();
 }
 
