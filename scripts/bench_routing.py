@@ -8,7 +8,10 @@ Per site the flop floor over the base ``2*T*D*F`` is ``2*T*K*R*(D+F)`` (LoRA) pl
 
   site      one site at T5-base dims, every backend, ratio routed/base next to the floor; plus
             the T5 encoder-layer mix (4x 768->768, 2x 768->2048, 1x 2048->768) and q/k/v with
-            one fused router matmul (`routing.fused`) vs three;
+            one fused router matmul (`routing.fused`) vs three. The backends include
+            ``cpu_kernel`` (the native XLA:CPU custom call) on CPU when it builds; ``auto`` is
+            what ``routed_lora(backend='auto')`` runs (``rt.auto_backend``); run with
+            ``PHATGOOSE_JAX_CPU_KERNEL=0`` for the pure-JAX choices;
   forward   whole T5-base forward (12+12 layers, batch 4, encoder 256 / decoder 32,
             teacher-forced, float32), base vs routed (E=36, 166);
   decode    one cached greedy decoding step (batch 8, encoder 256, 16 tokens cached; a zero
@@ -65,10 +68,11 @@ from phatgoose_jax import adapters as ad  # noqa: E402
 from phatgoose_jax import cpu_malloc  # noqa: E402
 from phatgoose_jax import routing as rt  # noqa: E402
 from phatgoose_jax.models import T5Config  # noqa: E402
+from phatgoose_jax.routing import cpu_kernel  # noqa: E402
 from phatgoose_jax.routing import fused  # noqa: E402
 
 PARTS = ("site", "forward", "decode", "official", "train", "scaling")
-SITE_BACKENDS = ("dense", "gather", "sorted", "chunked_gather")
+SITE_BACKENDS = ("dense", "gather", "sorted", "chunked_gather", "cpu_kernel")
 K, R = 2, 16
 
 
@@ -192,7 +196,8 @@ def _base(x, w):
 @functools.partial(jax.jit, static_argnames=("backend",))
 def _routed(x, w, a, b, g, s, backend):
   routing = rt.phatgoose_route(x, g, K)
-  return x @ w + rt.routed_lora(x, a, b, routing, s, backend=backend)
+  # As RoutedLoraSite: the delta is added to the base output ('cpu_kernel' accumulates in place).
+  return rt.routed_lora(x, a, b, routing, s, backend=backend, add_to=x @ w)
 
 
 @jax.jit
@@ -241,12 +246,14 @@ def bench_site(cfg: Settings) -> list:
         x, w, a, b, g, s = _site_problem(t, d, f, e)
         fns, args = {"base": _base}, {"base": (x, w)}
         for be in SITE_BACKENDS:
+          if be == "cpu_kernel" and (jax.default_backend() != "cpu" or not cpu_kernel.available()):
+            continue  # a CPU-only custom call; without a C++ compiler the JAX paths only
           if be == "gather" and t * K * (d * R + R * f) * 4 > cfg.gather_max_bytes:
             continue  # gathered per-token weights would not fit a sane budget
           fns[be] = functools.partial(_routed, backend=be)
           args[be] = (x, w, a, b, g, s)
         times = time_pair(fns, args, cfg.repeats)
-        chosen = rt.choose_backend(t, d, e, R, K)
+        chosen = rt.auto_backend(t, d, e, R, K)
         if chosen in times:  # 'auto' runs exactly the chosen backend's program
           times["auto"] = times[chosen]
         for be in times:
@@ -478,7 +485,7 @@ def bench_decode(cfg: Settings) -> list:
                        (cfg.model.emb_dim, cfg.model.mlp_dim),
                        times[f"routed{e}"] / times["base"],
                        base_seconds=times["base"], seconds=times[f"routed{e}"],
-                       chosen=rt.choose_backend(cfg.decode_batch, cfg.model.emb_dim, e, R, K)))
+                       chosen=rt.auto_backend(cfg.decode_batch, cfg.model.emb_dim, e, R, K)))
   return recs
 
 
@@ -582,7 +589,7 @@ def bench_scaling(cfg: Settings) -> list:
     router_times[e] = tm["router"]
     recs.append(record("scaling_experts", "auto", e, t, (d, f), tm["routed"] / tm["base"],
                        floor=floor(d, f, e), seconds=tm["routed"], base_seconds=tm["base"],
-                       router_seconds=tm["router"], chosen=rt.choose_backend(t, d, e, R, K)))
+                       router_seconds=tm["router"], chosen=rt.auto_backend(t, d, e, R, K)))
   lo, hi = min(times), max(times)
   recs.append(record("scaling_growth", "auto", hi, t, (d, f), times[hi] / times[lo],
                      from_experts=lo, note=f"time(E={hi}) / time(E={lo})"))
@@ -611,7 +618,8 @@ def environment() -> dict:
           "cpus": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__,
           "jaxlib": getattr(jax.lib, "__version__", None) or jax.__version__,
           "flax": flax.__version__, "backend": jax.default_backend(),
-          "devices": [str(d) for d in jax.devices()], "malloc": cpu_malloc.mode()}
+          "devices": [str(d) for d in jax.devices()], "malloc": cpu_malloc.mode(),
+          "cpu_kernel": cpu_kernel.describe() if jax.default_backend() == "cpu" else None}
 
 
 def main(argv=None) -> list:

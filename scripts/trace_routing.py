@@ -7,8 +7,9 @@ assignments on one expert (against the mean T*K/E), how many experts are used an
 the 8 busiest. With ``--time`` it then times, on the traced routings of the encoder sites of
 ``--layers``, the LoRA part alone (ms, minimum of ``--repeats``) with: the default `sorted`,
 `sorted` with each exact fallback forced (``blocked``, ``chunked_gather``) and the
-``chunked_gather`` backend, next to the site's base GEMM. docs/benchmarks.md ("How skewed the
-benchmark model's routing is", "Changes in session 2") quotes these figures.
+``chunked_gather`` and ``cpu_kernel`` backends, next to the site's base GEMM.
+docs/benchmarks.md ("How skewed the benchmark model's routing is", "Changes in session 2")
+quotes these figures.
 
 Usage: python scripts/trace_routing.py [--experts 36 166] [--time] [--layers 0,5,10]
                                        [--malloc heap|system] [--smoke]
@@ -80,7 +81,8 @@ def time_site(indices: np.ndarray, dims: tuple, experts: int, repeats: int) -> d
   variants = {"sorted": ("sorted", {}),
               "sorted_blocked": ("sorted", {"fallback": "blocked"}),
               "sorted_cg": ("sorted", {"fallback": "chunked_gather"}),
-              "chunked_gather": ("chunked_gather", {})}
+              "chunked_gather": ("chunked_gather", {}),
+              "cpu_kernel": ("cpu_kernel", {})}
   fns = {"base": jax.jit(lambda x, w: x @ w)}
   args = {"base": (x, w)}
   for name, (backend, kw) in variants.items():
