@@ -58,6 +58,15 @@ def test_forward_equals_oracle(t, d, f, e, r, skew):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want + base), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("t,k,e", [(0, 2, 5), (70, 1, 1), (130, 3, 5), (200, 4, 7)])
+def test_other_top_k_single_expert_and_no_tokens(t, k, e):
+  x, a, b, routing, scale = _problem(t, 13, 33, e, 16, k=k, seed=5)
+  got = rt.routed_lora(x, a, b, routing, scale, backend="cpu_kernel")
+  assert got.shape == (t, 33)
+  want = rt.routed_lora(x, a, b, routing, scale, backend="oracle")
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
 def test_gradients_equal_oracle_including_add_to():
   x, a, b, routing, scale = _problem(140, 13, 21, 5, 16, seed=3)
   base = jnp.asarray(np.random.default_rng(2).normal(size=(140, 21)), jnp.float32)
