@@ -38,8 +38,14 @@ before anything is allocated, so XLA:CPU's > 32 MB buffers are reused instead of
 page-faulted on every call (both base and routed programs run under it; the JSON's env file
 records the mode); ``system`` keeps glibc's defaults.
 
+Library (``--library``, whole-model parts): ``per-site`` (default) gives every site its own
+random experts (4.5 GB at E=166), as a real library does, so no site finds its experts in the
+CPU caches; ``shared`` (the default before 2026-11-26 13:50) draws one library per site shape
+and reuses it at every site of that shape (3 libraries in memory).
+
 Usage: python scripts/bench_routing.py [--quick | --smoke] [--json PATH] [--parts a,b]
                                        [--malloc heap|system] [--stat min|median]
+                                       [--library shared|per-site]
 """
 from __future__ import annotations
 
@@ -293,29 +299,42 @@ def bench_site(cfg: Settings) -> list:
 
 # ----------------------------------------------------------------------------- whole model
 
-def _shared_library(model_cfg: T5Config, e: int, seed: int = 0) -> Callable:
-  """A function (site shape -> adapter dict), one random library per (D, F) shape, reused at
-  every site of that shape (so E=166 at T5-base needs 3 libraries in memory, not 216)."""
+def _shared_library(model_cfg: T5Config, e: int, seed: int = 0, per_site: bool = False
+                    ) -> Callable:
+  """A function (site shape -> adapter dict): one random library per (D, F) shape, reused at
+  every site of that shape (so E=166 at T5-base needs 3 libraries in memory, not 216), or with
+  ``per_site`` a new library at every call (every site its own experts, as in a real library:
+  4.5 GB at E=166, and no site finds the previous site's experts in the CPU caches)."""
   cache = {}
+  counter = [0]
+
+  def draw(rng, d, f):
+    return {
+        "lora_a": jnp.asarray(rng.standard_normal((e, d, R), dtype=np.float32) * 0.01),
+        "lora_b": jnp.asarray(rng.standard_normal((e, R, f), dtype=np.float32) * 0.01),
+        "gates": jnp.asarray(rng.standard_normal((e, d), dtype=np.float32)),
+        "scale": jnp.full((e,), 1.0 / R, jnp.float32)}
 
   def make(d, f):
+    if per_site:
+      counter[0] += 1
+      return draw(np.random.default_rng([seed, d, f, counter[0]]), d, f)
     if (d, f) not in cache:
-      rng = np.random.default_rng(seed + d * 7 + f)
-      cache[(d, f)] = {
-          "lora_a": jnp.asarray(rng.normal(size=(e, d, R)).astype(np.float32) * 0.01),
-          "lora_b": jnp.asarray(rng.normal(size=(e, R, f)).astype(np.float32) * 0.01),
-          "gates": jnp.asarray(rng.normal(size=(e, d)).astype(np.float32)),
-          "scale": jnp.full((e,), 1.0 / R, jnp.float32)}
+      cache[(d, f)] = draw(np.random.default_rng(seed + d * 7 + f), d, f)
     return cache[(d, f)]
   return make
 
 
+LIBRARY = {"per_site": True}  # --library per-site (default): every whole-model site its own experts
+
+
 def routed_variables(model_cfg: T5Config, base_params, e: int, backend: str = "auto"):
-  """(model, variables) of a routed model with E experts at every site, library arrays shared."""
+  """(model, variables) of a routed model with E experts at every site (library arrays shared
+  per site shape, or one library per site under ``--library per-site``)."""
   acfg = ad.AdapterConfig(mode="routed", num_experts=e, top_k=K, rank=R, backend=backend)
   model = ad.build_model(model_cfg, acfg)
   shapes = jax.eval_shape(lambda: ad.init_variables(model, jax.random.PRNGKey(0)))
-  make = _shared_library(model_cfg, e)
+  make = _shared_library(model_cfg, e, per_site=LIBRARY["per_site"])
 
   def fill(tree):
     if "lora_a" in tree and not isinstance(tree["lora_a"], dict):
@@ -635,9 +654,13 @@ def main(argv=None) -> list:
                  help="heap: keep XLA:CPU buffers on the malloc heap (phatgoose_jax.cpu_malloc)")
   p.add_argument("--stat", choices=("min", "median"), default="min",
                  help="statistic of the repeated timings (default min)")
+  p.add_argument("--library", choices=("shared", "per-site"), default="per-site",
+                 help="whole-model parts: one random library per site (default; 4.5 GB at "
+                      "E=166, as a real library) or one per site shape, reused at every site")
   args = p.parse_args(argv)
   cpu_malloc.configure(args.malloc)
   STAT["name"] = args.stat
+  LIBRARY["per_site"] = args.library == "per-site"
   cfg_mode = "smoke" if args.smoke else "quick" if args.quick else "full"
   cfg = settings(cfg_mode)
   if args.repeats is not None:
@@ -674,7 +697,7 @@ def main(argv=None) -> list:
       json.dump(recs, fh, indent=1)
     with open(args.json + ".env.json", "w") as fh:
       json.dump(dict(env, mode=cfg_mode, seconds=elapsed, stat=STAT["name"],
-                     repeats=cfg.repeats), fh, indent=1)
+                     repeats=cfg.repeats, library=args.library), fh, indent=1)
   return recs
 
 

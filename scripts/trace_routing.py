@@ -13,6 +13,7 @@ quotes these figures.
 
 Usage: python scripts/trace_routing.py [--experts 36 166] [--time] [--layers 0,5,10]
                                        [--malloc heap|system] [--smoke]
+                                       [--library shared|per-site]
 """
 from __future__ import annotations
 
@@ -100,9 +101,12 @@ def main(argv=None) -> int:
   p.add_argument("--repeats", type=int, default=9)
   p.add_argument("--malloc", choices=cpu_malloc.MODES, default="heap")
   p.add_argument("--smoke", action="store_true", help="the tiny model of bench_routing --smoke")
+  p.add_argument("--library", choices=("shared", "per-site"), default="per-site",
+                 help="as bench_routing --library (session-2 figures: shared)")
   args = p.parse_args(argv)
   cpu_malloc.configure(args.malloc)
   br.STAT["name"] = "min"
+  br.LIBRARY["per_site"] = args.library == "per-site"
   cfg = br.settings("smoke" if args.smoke else "quick")
   layers = [int(v) for v in args.layers.split(",") if v]
   for e in args.experts:
