@@ -20,8 +20,9 @@ Build: the C++ source ships with the package and is compiled on first use with t
 C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``) against the XLA FFI headers of the
 installed jaxlib (``jax.ffi.include_dir()``), ``-O3 -march=native``, into
 ``$PHATGOOSE_JAX_KERNEL_CACHE`` (default ``~/.cache/phatgoose_jax/kernels``) under a name that
-hashes the source, the flags, the compiler and the jaxlib version, so a rebuilt jaxlib or an
-edited source never loads a stale library. The library is written to a temporary file and
+hashes the source, the flags, the compiler, the jaxlib version and the CPU's model and
+instruction-set flags, so a rebuilt jaxlib, an edited source or another host sharing the cache
+directory never loads a stale or foreign library. The library is written to a temporary file and
 renamed into place (never a half-written library). When no compiler is found or the build
 fails, `available` is False with the reason in `status`, and ``auto`` keeps the JAX paths.
 ``PHATGOOSE_JAX_CPU_KERNEL=0`` disables the kernel (``auto`` ignores it and the explicit
@@ -40,6 +41,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -77,6 +79,20 @@ def cache_dir() -> str:
       os.path.expanduser("~"), ".cache", "phatgoose_jax", "kernels")
 
 
+def _cpu_identity() -> str:
+  """The CPU's model and instruction-set flags: ``-march=native`` code built on one host must
+  not be loaded on another (a cache in a home directory shared by a cluster)."""
+  ident = platform.machine()
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+      lines = f.read().split("\n\n", 1)[0].splitlines()  # the first processor
+    ident += "".join(sorted(l for l in lines if l.startswith(("model name", "flags", "Features",
+                                                              "vendor_id", "CPU part"))))
+  except OSError:
+    ident += platform.processor()
+  return ident
+
+
 def _build(compiler: str) -> str:
   """Compiles the kernel (or finds it in the cache); returns the shared library's path."""
   with open(_SOURCE, "rb") as f:
@@ -84,8 +100,8 @@ def _build(compiler: str) -> str:
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                            timeout=60).stdout.splitlines()[:1]
   key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), str(version).encode(),
-                                   jax.__version__.encode(),
-                                   jax.ffi.include_dir().encode()])).hexdigest()[:16]
+                                   jax.__version__.encode(), jax.ffi.include_dir().encode(),
+                                   _cpu_identity().encode()])).hexdigest()[:16]
   out_dir = cache_dir()
   path = os.path.join(out_dir, f"routed_lora_cpu-{key}.so")
   if os.path.exists(path):

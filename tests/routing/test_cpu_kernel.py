@@ -161,3 +161,15 @@ def test_failed_build_reports_the_compiler_error(tmp_path):
   out = _run_script(tmp_path, CXX="/bin/false")
   assert "available False build or load failed" in out and "auto_text False" in out
   assert os.listdir(tmp_path) == []  # no half-written library left behind
+
+
+def test_cache_key_includes_the_cpu(tmp_path, monkeypatch):
+  """A cache directory shared by hosts with other CPUs never hands one host another's build."""
+  monkeypatch.setenv("PHATGOOSE_JAX_KERNEL_CACHE", str(tmp_path))
+  compiler = cpu_kernel._compiler()  # pylint: disable=protected-access
+  here = cpu_kernel._build(compiler)  # pylint: disable=protected-access
+  assert cpu_kernel._build(compiler) == here  # pylint: disable=protected-access
+  monkeypatch.setattr(cpu_kernel, "_cpu_identity", lambda: "x86_64 flags: sse2")
+  other = cpu_kernel._build(compiler)  # pylint: disable=protected-access
+  assert other != here and sorted(os.listdir(tmp_path)) == sorted(
+      [os.path.basename(here), os.path.basename(other)])
