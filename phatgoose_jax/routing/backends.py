@@ -39,7 +39,13 @@ leading dims:
     sees only a few rows (E=1000, T=1024: ~2 rows per expert). Sorting makes consecutive
     gathers of one expert hit the cache. Gradients w.r.t. ``A``/``B`` are scatter-adds of the
     per-chunk gathers into [E, D, R] / [E, R, F].
-  * ``auto``: see ``choose_backend``.
+  * ``cpu_kernel``: the native XLA:CPU custom call of `phatgoose_jax.routing.cpu_kernel`
+    (float32, CPU only): per thread a token range, its assignments counting-sorted by expert,
+    register-blocked ``x A_e`` and ``h B_e`` accumulated into ``add_to`` in place. Cost ~ the
+    flops plus streaming each assignment's x/y rows and each used expert's weights; no padded
+    grid, no fallback. Backward through the exact JAX ``sorted`` path.
+  * ``auto``: ``cpu_kernel`` for float32 on a single CPU device when the kernel builds
+    (``auto_backend``), else ``choose_backend``.
 
 The CPU paths of ``sorted`` and ``chunked_gather`` (and their measured size rules) live in
 `phatgoose_jax.routing.cpu_grouped`.
