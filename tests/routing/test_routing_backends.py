@@ -279,3 +279,16 @@ def test_auto_on_cpu_follows_the_measured_table():
   assert cpu(8, 768, 1000, 16, 2) == "gather"  # decoding step
   # Accelerators never get the CPU-only backend.
   assert rt.choose_backend(1024, 768, 1000, 16, 2, platform="gpu") == "sorted"
+
+
+def test_eager_calls_compile_one_program_per_backend_and_options():
+  """Un-jitted calls run each backend as one cached jitted function (not op by op: op-by-op
+  compilation of the CPU 'sorted' path's lax.cond crashed XLA's compiler in eager model runs)."""
+  x, a, b, r = _problem(seed=12)
+  want = rt.routed_lora(x, a, b, r, 0.5, backend="oracle")
+  bk._jitted_impl.cache_clear()
+  for _ in range(2):
+    got = rt.routed_lora(x, a, b, r, 0.5, backend="sorted", use_ragged_dot=False)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  info = bk._jitted_impl.cache_info()
+  assert (info.misses, info.hits) == (1, 1)  # built on the first call, reused on the second
