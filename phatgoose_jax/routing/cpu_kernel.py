@@ -1,4 +1,4 @@
-"""Routed LoRA as one native XLA:CPU custom call (the ``cpu_kernel`` backend).
+"""Routed LoRA, and the router's softmax + top-k, as native XLA:CPU custom calls.
 
 Letters used in shape comments:
   T tokens, D site input, F site output, E experts, K experts per token, R LoRA rank.
@@ -6,27 +6,34 @@ Letters used in shape comments:
 Why: XLA:CPU has no grouped GEMM, so the pure-JAX CPU paths (`phatgoose_jax.routing.cpu_grouped`)
 gather tokens into a padded ``[E, C, D]`` slot grid and run batched matmuls whose 16-wide side
 Eigen handles at a fraction of its GEMM speed; at T5-base dims that costs 0.6-1.2x a base GEMM
-for 8% of its flops (docs/benchmarks.md). ``kernels/routed_lora_cpu.cc`` computes
+for 8% of its flops (docs/benchmarks.md). ``kernels/routed_lora_cpu.cc`` (the ``cpu_kernel``
+backend of `routed_lora`) computes
 
     y[t] = y_in[t] + sum_k coef[t, k] * (x[t] @ A[idx[t, k]]) @ B[idx[t, k]]
 
-directly: tokens split into contiguous ranges over XLA's intra-op thread pool, each range's
-assignments counting-sorted by expert, each expert's rows in register blocks (h = x A_e scaled
-by coef, then y += h B_e), accumulating into the base projection's output in place
+directly: the T*K assignments counting-sorted by expert; phase 1 ``h = coef * x A_e`` over
+expert ranges of XLA's intra-op thread pool, phase 2 ``y += h B_e`` over output-column ranges,
+so every expert's weights are read once per call (a routed site streams its library: 16-30 MB
+per T5-base site at E=166); register blocks of up to 8 rows whose row count is a template
+parameter; accumulating into the base projection's output in place
 (``input_output_aliases``). Exact in float32 up to summation order (the tests compare with the
 ``oracle`` backend at rtol 1e-5).
 
-Build: the C++ source ships with the package and is compiled on first use with the system
+``kernels/topk_softmax_cpu.cc`` (`top_k_softmax_et`) is the router's second half: softmax over
+the experts, top-k and renormalisation of expert-major ``[E, T]`` logits in one pass, 16
+tokens per vector lane (`scores.phatgoose_route` takes it on CPU; see there).
+
+Build: the C++ sources ship with the package and are compiled (into one shared library) on first use with the system
 C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``) against the XLA FFI headers of the
 installed jaxlib (``jax.ffi.include_dir()``), ``-O3 -march=native``, into
 ``$PHATGOOSE_JAX_KERNEL_CACHE`` (default ``~/.cache/phatgoose_jax/kernels``) under a name that
-hashes the source, the flags, the compiler, the jaxlib version and the CPU's model and
+hashes the sources, the flags, the compiler, the jaxlib version and the CPU's model and
 instruction-set flags, so a rebuilt jaxlib, an edited source or another host sharing the cache
 directory never loads a stale or foreign library. The library is written to a temporary file and
 renamed into place (never a half-written library). When no compiler is found or the build
 fails, `available` is False with the reason in `status`, and ``auto`` keeps the JAX paths.
-``PHATGOOSE_JAX_CPU_KERNEL=0`` disables the kernel (``auto`` ignores it and the explicit
-backend raises).
+``PHATGOOSE_JAX_CPU_KERNEL=0`` disables both kernels (``auto`` and the router keep the JAX
+paths, the explicit backend raises).
 
 Gradients: `routed_lora_cpu` is a ``jax.custom_vjp``; the forward runs the kernel, the
 backward is the VJP of the exact pure-JAX CPU ``sorted`` path on the saved inputs (so training
@@ -54,9 +61,12 @@ import numpy as np
 
 from phatgoose_jax.routing.types import RoutingError
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "routed_lora_cpu.cc")
+_KERNELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
+_SOURCES = (os.path.join(_KERNELS, "routed_lora_cpu.cc"), os.path.join(_KERNELS, "topk_softmax_cpu.cc"))
 _TARGET = "phatgoose_routed_lora_f32"
 _SYMBOL = "PhatgooseRoutedLoraF32"
+_TOPK_TARGET = "phatgoose_top_k_softmax_f32"
+_TOPK_SYMBOL = "PhatgooseTopKSoftmaxF32"
 _FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC",
           "-w")
 ENV_ENABLE = "PHATGOOSE_JAX_CPU_KERNEL"
@@ -95,8 +105,10 @@ def _cpu_identity() -> str:
 
 def _build(compiler: str) -> str:
   """Compiles the kernel (or finds it in the cache); returns the shared library's path."""
-  with open(_SOURCE, "rb") as f:
-    source = f.read()
+  source = b""
+  for src in _SOURCES:
+    with open(src, "rb") as f:
+      source += f.read() + b"\0"
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                            timeout=60).stdout.splitlines()[:1]
   key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), str(version).encode(),
@@ -110,7 +122,7 @@ def _build(compiler: str) -> str:
   fd, tmp = tempfile.mkstemp(prefix=".routed_lora_cpu-", suffix=".so", dir=out_dir)
   os.close(fd)
   try:
-    cmd = [compiler, *_FLAGS, "-I", jax.ffi.include_dir(), _SOURCE, "-o", tmp]
+    cmd = [compiler, *_FLAGS, "-I", jax.ffi.include_dir(), *_SOURCES, "-o", tmp]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
       raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): "
@@ -138,6 +150,8 @@ def _load() -> bool:
       path = _build(compiler)
       lib = ctypes.cdll.LoadLibrary(path)
       jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(getattr(lib, _SYMBOL)),
+                                  platform="cpu")
+      jax.ffi.register_ffi_target(_TOPK_TARGET, jax.ffi.pycapsule(getattr(lib, _TOPK_SYMBOL)),
                                   platform="cpu")
     except Exception as e:  # pylint: disable=broad-except
       _STATE.update(ready=False, status=f"build or load failed: {e}")
@@ -238,6 +252,90 @@ def routed_lora_cpu(x: jax.Array, a: jax.Array, b: jax.Array, idx: jax.Array, co
   t, f = x.shape[0], b.shape[-1]
   y_in = jnp.zeros((t, f), jnp.float32) if add_to is None else add_to.astype(jnp.float32)
   return _routed(y_in, x, a, b, idx.astype(jnp.int32), coef)
+
+
+# ----------------------------------------------------------------------------- router top-k
+
+TOPK_MAX_K = 4
+
+
+def top_k_softmax_eligible(logits_dtype, k: int, num_experts: int) -> bool:
+  """Whether the router may use `top_k_softmax_et`: float32 on one CPU device, 1 <= k <= 4."""
+  return (1 <= k <= min(TOPK_MAX_K, num_experts) and auto_eligible(logits_dtype))
+
+
+def _topk_call(logits_et, k, scale, eps, renormalize):
+  t = logits_et.shape[1]
+  return jax.ffi.ffi_call(
+      _TOPK_TARGET, (jax.ShapeDtypeStruct((t, k), jnp.float32),
+                     jax.ShapeDtypeStruct((t, k), jnp.int32)),
+      vmap_method="sequential")(logits_et, k=np.int64(k), scale=np.float32(scale),
+                                eps=np.float32(eps), renormalize=bool(renormalize),
+                                num_threads=np.int64(_num_threads()))
+
+
+def _topk_reference(logits_et, k, scale, renormalize_eps):
+  """The pure-JAX equal of the custom call (`scores.top_k_routing` of the [T, E] logits)."""
+  from phatgoose_jax.routing.scores import top_k_routing  # pylint: disable=g-import-not-at-top
+  routing = top_k_routing(logits_et.T * scale, k, renormalize_eps=renormalize_eps)
+  return routing.weights, routing.indices
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _topk(logits_et, k, scale, renormalize_eps):
+  eps = 0.0 if renormalize_eps is None else renormalize_eps
+  return _topk_call(logits_et, k, scale, eps, renormalize_eps is not None)
+
+
+def _topk_fwd(logits_et, k, scale, renormalize_eps):
+  return _topk(logits_et, k, scale, renormalize_eps), logits_et
+
+
+def _topk_bwd(k, scale, renormalize_eps, logits_et, g):
+  gw, _ = g
+  # The VJP of the exact JAX path on the saved logits (its top-k selects the same experts up
+  # to float32 ties; the indices have no gradient).
+  _, vjp = jax.vjp(lambda l: _topk_reference(l, k, scale, renormalize_eps)[0], logits_et)
+  return vjp(gw)
+
+
+_topk.defvjp(_topk_fwd, _topk_bwd)
+
+
+def top_k_softmax_et(logits_et: jax.Array, k: int, scale: float = 1.0,
+                     renormalize_eps: Optional[float] = 1e-6) -> tuple[jax.Array, jax.Array]:
+  """Router softmax over experts + top-k + renormalisation in one native pass (float32, CPU).
+
+  Equals ``scores.top_k_routing((logits_et * scale).T, k, renormalize_eps)``: softmax over all E,
+  the k largest probabilities (ties to the lowest index, as ``lax.top_k``), divided by their sum
+  plus ``renormalize_eps`` (None: not renormalised). A token whose softmax is NaN gets NaN
+  weights and indices 0..k-1, as the JAX path. The exp is a polynomial within ~2 ulp of expf,
+  so weights agree with the JAX path to ~1e-7 relative, not bit for bit, and an exact tie
+  between two experts' probabilities can resolve differently only when rounding makes them
+  tie in one path and not the other. Gradients: the VJP of the JAX path (``custom_vjp``).
+
+  Args:
+    logits_et: [E, T] float32 router scores, expert-major (``einsum('ed,td->et', gates, x)``).
+    k: experts kept per token, 1..4.
+    scale: multiplies the logits first (``D**-0.5`` of the PHATGOOSE router).
+    renormalize_eps: see `scores.top_k_routing`.
+
+  Returns:
+    weights [T, k] float32 and indices [T, k] int32.
+
+  Raises:
+    RoutingError: the kernel is unavailable, logits are not [E, T] float32, or k is outside
+      1..min(4, E).
+  """
+  if not available():
+    raise RoutingError(f"top_k_softmax_et: the CPU kernel is unavailable: {status()}")
+  if logits_et.ndim != 2 or logits_et.dtype != jnp.float32:
+    raise RoutingError(f"top_k_softmax_et: logits must be [E, T] float32, got "
+                       f"{logits_et.shape} {logits_et.dtype}")
+  if not 1 <= k <= min(TOPK_MAX_K, logits_et.shape[0]):
+    raise RoutingError(f"top_k_softmax_et: k must be in 1..{min(TOPK_MAX_K, logits_et.shape[0])}"
+                       f", got {k}")
+  return _topk(logits_et, int(k), float(scale), renormalize_eps)
 
 
 @functools.lru_cache(maxsize=None)

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from phatgoose_jax.routing.scores import PHATGOOSE_LN_EPS, PHATGOOSE_TOPK_EPS
+from phatgoose_jax.routing import cpu_kernel
+from phatgoose_jax.routing.scores import native_router
 from phatgoose_jax.routing.scores import standardize, top_k_routing
 from phatgoose_jax.routing.types import Routing, RoutingError
 
@@ -71,6 +73,18 @@ def fused_phatgoose_route(x: jax.Array, gates: Sequence[jax.Array], top_k: int, 
   sizes = [t.shape[0] for t in tables]
   table = jnp.concatenate(tables, axis=0)  # [S*E, D] float32
   x_n = standardize(x, ln_eps)  # [..., D] float32
+  if all(native_router(x_n.dtype, top_k, size) for size in sizes):
+    # Native path: one expert-major matmul [S*E, T], then each site's rows through the kernel.
+    lead = x_n.shape[:-1]
+    logits_et = jnp.einsum("ed,td->et", table.astype(x_n.dtype), x_n.reshape(-1, x_n.shape[-1]),
+                           precision=jax.lax.Precision.HIGHEST)  # [S*E, T]
+    out, start = [], 0
+    for size in sizes:
+      w, i = cpu_kernel.top_k_softmax_et(logits_et[start:start + size], top_k, 1.0,
+                                         renormalize_eps)
+      out.append(Routing(indices=i.reshape(lead + (top_k,)), weights=w.reshape(lead + (top_k,))))
+      start += size
+    return out
   logits = jnp.einsum("...d,ed->...e", x_n, table.astype(x_n.dtype),
                       precision=jax.lax.Precision.HIGHEST)  # [..., S*E]
   out, start = [], 0
