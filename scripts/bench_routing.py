@@ -613,18 +613,23 @@ def bench_scaling(cfg: Settings) -> list:
                      devices=eight["devices"], target=0.125))
   t = cfg.scaling_tokens
   d = f = cfg.site_dims[0][0]
-  times, router_times = {}, {}
+  # Every E in one interleaved loop (each call takes milliseconds, so 3x the repeats): a burst
+  # of machine noise then lands on all of them instead of on one E's minimum.
+  fns, args = {"base": _base}, {}
   for e in cfg.scaling_experts:
     x, w, a, b, g, s = _site_problem(t, d, f, e)
-    fns = {"base": _base, "routed": functools.partial(_routed, backend="auto"),
-           "router": _base_and_router}
-    args = {"base": (x, w), "routed": (x, w, a, b, g, s), "router": (x, w, g)}
-    tm = time_pair(fns, args, cfg.repeats)
-    times[e] = tm["routed"]
-    router_times[e] = tm["router"]
-    recs.append(record("scaling_experts", "auto", e, t, (d, f), tm["routed"] / tm["base"],
-                       floor=floor(d, f, e), seconds=tm["routed"], base_seconds=tm["base"],
-                       router_seconds=tm["router"], chosen=rt.auto_backend(t, d, e, R, K)))
+    args["base"] = (x, w)
+    fns[f"routed{e}"] = functools.partial(_routed, backend="auto")
+    args[f"routed{e}"] = (x, w, a, b, g, s)
+    fns[f"router{e}"] = _base_and_router
+    args[f"router{e}"] = (x, w, g)
+  tm = time_pair(fns, args, 3 * cfg.repeats)
+  times = {e: tm[f"routed{e}"] for e in cfg.scaling_experts}
+  router_times = {e: tm[f"router{e}"] for e in cfg.scaling_experts}
+  for e in cfg.scaling_experts:
+    recs.append(record("scaling_experts", "auto", e, t, (d, f), times[e] / tm["base"],
+                       floor=floor(d, f, e), seconds=times[e], base_seconds=tm["base"],
+                       router_seconds=router_times[e], chosen=rt.auto_backend(t, d, e, R, K)))
   lo, hi = min(times), max(times)
   recs.append(record("scaling_growth", "auto", hi, t, (d, f), times[hi] / times[lo],
                      from_experts=lo, note=f"time(E={hi}) / time(E={lo})"))
