@@ -21,8 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from phatgoose_jax.routing.scores import PHATGOOSE_LN_EPS, PHATGOOSE_TOPK_EPS
-from phatgoose_jax.routing import cpu_kernel
-from phatgoose_jax.routing.scores import native_router
+from phatgoose_jax.routing.scores import native_router, native_top_k_routing
 from phatgoose_jax.routing.scores import standardize, top_k_routing
 from phatgoose_jax.routing.types import Routing, RoutingError
 
@@ -75,16 +74,8 @@ def fused_phatgoose_route(x: jax.Array, gates: Sequence[jax.Array], top_k: int, 
   x_n = standardize(x, ln_eps)  # [..., D] float32
   if all(native_router(x_n.dtype, top_k, size) for size in sizes):
     # Native path: one expert-major matmul [S*E, T], then each site's rows through the kernel.
-    lead = x_n.shape[:-1]
-    logits_et = jnp.einsum("ed,td->et", table.astype(x_n.dtype), x_n.reshape(-1, x_n.shape[-1]),
-                           precision=jax.lax.Precision.HIGHEST)  # [S*E, T]
-    out, start = [], 0
-    for size in sizes:
-      w, i = cpu_kernel.top_k_softmax_et(logits_et[start:start + size], top_k, 1.0,
-                                         renormalize_eps)
-      out.append(Routing(indices=i.reshape(lead + (top_k,)), weights=w.reshape(lead + (top_k,))))
-      start += size
-    return out
+    return native_top_k_routing(x_n, table.astype(x_n.dtype), top_k, 1.0, renormalize_eps,
+                                sizes)
   logits = jnp.einsum("...d,ed->...e", x_n, table.astype(x_n.dtype),
                       precision=jax.lax.Precision.HIGHEST)  # [..., S*E]
   out, start = [], 0

@@ -27,8 +27,8 @@ Fast path (XLA:CPU, float32, one device, K <= 4, the native kernel built): the r
 written expert-major, ``einsum('ed,td->et')`` (XLA:CPU runs this [E, D] x [D, T] product at
 near its GEMM speed; the token-major ``[T, D] x [D, E]`` with E of a few hundred ran ~25%
 slower), and softmax + top-k + renormalisation run in one native pass over the [E, T] logits
-(`native_router`, `cpu_kernel.top_k_softmax_et`). Same formula and
-tie rule; weights agree to ~1e-7 relative (a polynomial exp), gradients are the JAX path's.
+(`native_router`, `native_top_k_routing`, `cpu_kernel.top_k_softmax_et`). Same formula and tie
+rule; weights agree to ~1e-7 relative (a polynomial exp), gradients are the JAX path's.
 ``PHATGOOSE_JAX_CPU_KERNEL=0`` keeps the pure-JAX path everywhere.
 """
 from __future__ import annotations
@@ -128,7 +128,7 @@ def phatgoose_route(x: jax.Array, gates: jax.Array, top_k: int, *,
   x_n = standardize(x, ln_eps)  # [..., D] float32
   g_n = standardize(gates, ln_eps).astype(x_n.dtype)  # [E, D]
   if native_router(x_n.dtype, top_k, gates.shape[0]):
-    return native_top_k_routing(x_n, g_n, top_k, math.sqrt(1.0 / d), renormalize_eps)
+    return native_top_k_routing(x_n, g_n, top_k, math.sqrt(1.0 / d), renormalize_eps)[0]
   logits = jnp.einsum("...d,ed->...e", x_n, g_n,
                       precision=jax.lax.Precision.HIGHEST) * math.sqrt(1.0 / d)  # [..., E]
   return top_k_routing(logits, top_k, renormalize_eps=renormalize_eps)
@@ -136,30 +136,37 @@ def phatgoose_route(x: jax.Array, gates: jax.Array, top_k: int, *,
 
 def native_router(dtype, top_k: int, num_experts: int) -> bool:
   """Whether `phatgoose_route` takes the native CPU fast path (see the module docstring)."""
-  return (jnp.dtype(dtype) == jnp.float32
-          and cpu_kernel.top_k_softmax_eligible(dtype, top_k, num_experts))
+  return cpu_kernel.top_k_softmax_eligible(dtype, top_k, num_experts)
 
 
 def native_top_k_routing(x_n: jax.Array, table: jax.Array, top_k: int, scale: float,
-                         renormalize_eps: Optional[float]) -> Routing:
+                         renormalize_eps: Optional[float],
+                         sizes: Optional[Sequence[int]] = None) -> list[Routing]:
   """``top_k_routing(einsum(x_n, table) * scale)`` by the expert-major matmul + native kernel.
 
   Args:
     x_n: [..., D] float32 standardised token activations.
-    table: [E, D] float32 standardised gates (times ``D**-0.5`` already if ``scale`` is 1).
+    table: [E_total, D] float32 standardised gates of one or several sites (rows ``sizes``;
+      times ``D**-0.5`` already if ``scale`` is 1).
     top_k: K (1..4).
     scale: multiplies the logits.
     renormalize_eps: see `top_k_routing`.
+    sizes: experts per site along the table's rows (default: one site, all rows).
 
   Returns:
-    Routing with indices/weights [..., K].
+    One Routing per site with indices/weights [..., K].
   """
   lead = x_n.shape[:-1]
   logits_et = jnp.einsum("ed,td->et", table, x_n.reshape(-1, x_n.shape[-1]),
-                         precision=jax.lax.Precision.HIGHEST)  # [E, T]
-  weights, indices = cpu_kernel.top_k_softmax_et(logits_et, top_k, scale, renormalize_eps)
-  return Routing(indices=indices.reshape(lead + (top_k,)),
-                 weights=weights.reshape(lead + (top_k,)))
+                         precision=jax.lax.Precision.HIGHEST)  # [E_total, T]
+  out, start = [], 0
+  for size in (sizes or (table.shape[0],)):
+    weights, indices = cpu_kernel.top_k_softmax_et(logits_et[start:start + size], top_k, scale,
+                                                   renormalize_eps)
+    out.append(Routing(indices=indices.reshape(lead + (top_k,)),
+                       weights=weights.reshape(lead + (top_k,))))
+    start += size
+  return out
 
 
 def uniform_routing(shape: Sequence[int], num_experts: int) -> Routing:
