@@ -41,5 +41,5 @@ setuptools.setup(
     include_package_data=True,
     # The native XLA:CPU routed-LoRA kernel is compiled on first use from this source
     # (phatgoose_jax/routing/cpu_kernel.py).
-    package_data={"phatgoose_jax.routing": ["kernels/*.cc"]},
+    package_data={"phatgoose_jax.routing": ["kernels/*.cc", "kernels/*.h"]},
 )

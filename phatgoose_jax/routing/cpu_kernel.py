@@ -63,6 +63,7 @@ from phatgoose_jax.routing.types import RoutingError
 
 _KERNELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
 _SOURCES = (os.path.join(_KERNELS, "routed_lora_cpu.cc"), os.path.join(_KERNELS, "topk_softmax_cpu.cc"))
+_HEADERS = (os.path.join(_KERNELS, "run_parts.h"),)  # hashed into the cache key, not compiled
 _TARGET = "phatgoose_routed_lora_f32"
 _SYMBOL = "PhatgooseRoutedLoraF32"
 _TOPK_TARGET = "phatgoose_top_k_softmax_f32"
@@ -106,7 +107,7 @@ def _cpu_identity() -> str:
 def _build(compiler: str) -> str:
   """Compiles the kernel (or finds it in the cache); returns the shared library's path."""
   source = b""
-  for src in _SOURCES:
+  for src in _SOURCES + _HEADERS:
     with open(src, "rb") as f:
       source += f.read() + b"\0"
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True,

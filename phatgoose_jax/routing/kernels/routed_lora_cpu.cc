@@ -21,22 +21,20 @@
 // (partial sums over D in phase 1, more output columns in phase 2), so the one or two rows an
 // expert gets at a decoder site do not wait on one FMA latency chain. R a multiple of 16: the
 // vector path (one to four 16-float vectors per row); other R: scalar loops.
-// Tasks go to XLA's intra-op pool; the caller claims tasks too and then waits only for tasks
-// already claimed by pool threads, so the call cannot deadlock on a busy pool.
+// Tasks go to XLA's intra-op pool (`RunParts`, run_parts.h).
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <functional>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "run_parts.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using phatgoose_kernels::RunParts;
 
 constexpr int kMaxRows = 8;
 constexpr int64_t kLanes = 16;
@@ -221,34 +219,6 @@ void Phase2(Problem& p, int64_t o0, int64_t o1) {
       s += m;
     }
   }
-}
-
-struct Shared {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-};
-
-// Runs run(0..parts-1): parts-1 tasks go to the pool, the caller claims parts as well and then
-// waits only for parts already claimed by running tasks (so a busy pool cannot deadlock it).
-// `run` may reference the caller's stack: every part has finished when RunParts returns, and a
-// task that starts later finds no part left and touches only `shared`.
-template <typename Run>
-void RunParts(ffi::ThreadPool& pool, int64_t parts, Run& run) {
-  auto shared = std::make_shared<Shared>();
-  auto claim = [&run](Shared* sh, int64_t parts) {
-    for (;;) {
-      const int64_t p = sh->next.fetch_add(1);
-      if (p >= parts) return;
-      run(p);
-      sh->done.fetch_add(1);
-    }
-  };
-  for (int64_t i = 1; i < parts; ++i) {
-    std::function<void()> task = [shared, parts, &run, claim]() { claim(shared.get(), parts); };
-    pool.Schedule(std::move(task));
-  }
-  claim(shared.get(), parts);
-  while (shared->done.load() < parts) std::this_thread::yield();
 }
 
 ffi::Error RoutedLoraImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y_in, ffi::Buffer<ffi::F32> x,

@@ -15,20 +15,20 @@
 // after the usual ln2 range reduction (within ~2 ulp of expf; the JAX path's exp differs from it
 // in the last bits, so weights agree to ~1e-7 relative, not bit for bit).
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <functional>
 #include <limits>
-#include <memory>
-#include <thread>
+#include <vector>
 
+#include "run_parts.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using phatgoose_kernels::RunParts;
 
 constexpr int64_t kLanes = 16;
 
@@ -120,32 +120,6 @@ void Block(const float* lg, int64_t t, int64_t e, int64_t t0, int64_t lanes, flo
   }
 }
 
-struct Shared {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-};
-
-// As RunParts in routed_lora_cpu.cc: the caller claims parts too and waits only for parts
-// already claimed by pool threads.
-template <typename Run>
-void RunParts(ffi::ThreadPool& pool, int64_t parts, Run& run) {
-  auto shared = std::make_shared<Shared>();
-  auto claim = [&run](Shared* sh, int64_t parts) {
-    for (;;) {
-      const int64_t p = sh->next.fetch_add(1);
-      if (p >= parts) return;
-      run(p);
-      sh->done.fetch_add(1);
-    }
-  };
-  for (int64_t i = 1; i < parts; ++i) {
-    std::function<void()> task = [shared, parts, &run, claim]() { claim(shared.get(), parts); };
-    pool.Schedule(std::move(task));
-  }
-  claim(shared.get(), parts);
-  while (shared->done.load() < parts) std::this_thread::yield();
-}
-
 ffi::Error TopKSoftmaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
                            ffi::ResultBuffer<ffi::F32> weights, ffi::ResultBuffer<ffi::S32> indices,
                            int64_t k, float scale, float eps, bool renormalize,
@@ -163,7 +137,8 @@ ffi::Error TopKSoftmaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
   int32_t* ip = indices->typed_data();
   const int64_t blocks = (t + kLanes - 1) / kLanes;
   auto block_range = [=](int64_t b0, int64_t b1) {
-    float* ex = new float[e * kLanes];
+    std::vector<float> buf(e * kLanes);  // the block's exp values
+    float* ex = buf.data();
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t t0 = b * kLanes, lanes = std::min<int64_t>(kLanes, t - t0);
       switch (k) {
@@ -173,7 +148,6 @@ ffi::Error TopKSoftmaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
         default: Block<4>(lg, t, e, t0, lanes, scale, eps, renormalize, ex, wp, ip); break;
       }
     }
-    delete[] ex;
   };
   // One part per thread when there is enough work (a task hand-off costs microseconds).
   const int64_t parts =
