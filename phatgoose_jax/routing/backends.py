@@ -40,10 +40,11 @@ leading dims:
     gathers of one expert hit the cache. Gradients w.r.t. ``A``/``B`` are scatter-adds of the
     per-chunk gathers into [E, D, R] / [E, R, F].
   * ``cpu_kernel``: the native XLA:CPU custom call of `phatgoose_jax.routing.cpu_kernel`
-    (float32, CPU only): per thread a token range, its assignments counting-sorted by expert,
-    register-blocked ``x A_e`` and ``h B_e`` accumulated into ``add_to`` in place. Cost ~ the
-    flops plus streaming each assignment's x/y rows and each used expert's weights; no padded
-    grid, no fallback. Backward through the exact JAX ``sorted`` path.
+    (float32, CPU only): assignments counting-sorted by expert, register-blocked ``x A_e`` over
+    expert ranges and ``h B_e`` over output-column ranges of the thread pool (each expert's
+    weights read once per call), accumulated into ``add_to`` in place. Cost ~ the flops plus
+    streaming each assignment's x/y rows and each used expert's weights; no padded grid, no
+    fallback. Backward through the exact JAX ``sorted`` path.
   * ``auto``: ``cpu_kernel`` for float32 on a single CPU device when the kernel builds
     (``auto_backend``), else ``choose_backend``.
 

@@ -1,8 +1,10 @@
 """The native XLA:CPU routed-LoRA kernel (`phatgoose_jax.routing.cpu_kernel`).
 
 Its scalar-rank path (R=3) runs in every test of test_routing_backends.py; here the vector paths
-(R a multiple of 16), several token ranges (T >= 128, one per thread), output widths that are
-not a multiple of 16, accumulation into ``add_to``, gradients, vmap, errors and the build cache.
+(R a multiple of 16), several expert ranges (phase 1) and output-column ranges (phase 2) once a
+call has enough flops to use the thread pool, register blocks of every row count 1-8, output
+widths that are not a multiple of 16, accumulation into ``add_to``, gradients, vmap, errors and
+the build cache.
 """
 import os
 import subprocess
@@ -40,11 +42,11 @@ def test_kernel_builds():
 
 
 @pytest.mark.parametrize("t,d,f,e,r,skew", [
-    (130, 13, 37, 5, 16, False),   # two token ranges, F with a 5-column tail
+    (130, 13, 37, 5, 16, False),   # 5 expert ranges, 2 column ranges (a 5-column tail)
     (301, 48, 16, 7, 32, True),    # two vectors per row, one expert with ~300 rows
     (200, 21, 19, 5, 48, False),   # three vectors per row
     (150, 17, 40, 3, 64, False),   # four vectors per row
-    (9, 13, 11, 5, 20, False),     # scalar path, one range
+    (9, 13, 11, 5, 20, False),     # scalar path, on the calling thread
     (1, 13, 11, 5, 16, False),     # a single token (decoding)
 ])
 def test_forward_equals_oracle(t, d, f, e, r, skew):
@@ -56,6 +58,23 @@ def test_forward_equals_oracle(t, d, f, e, r, skew):
   got = jax.jit(lambda *o: rt.routed_lora(*o[:-1], backend="cpu_kernel", add_to=o[-1]))(
       x, a, b, routing, scale, base)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want + base), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("r", [16, 32])
+def test_every_register_block_row_count(r):
+  """Expert j gets j+1 rows (shuffled over the tokens): blocks of 1..8 rows, and 9 rows = 8 + 1."""
+  counts = np.arange(1, 10)
+  rng = np.random.default_rng(r)
+  idx = rng.permutation(np.repeat(np.arange(9), counts))[:, None]  # [45, 1]
+  t, d, f = idx.shape[0], 97, 83  # enough flops for the thread pool; odd widths
+  x = jnp.asarray(rng.normal(size=(t, d)).astype(np.float32))
+  a = jnp.asarray(rng.normal(size=(9, d, r)).astype(np.float32) * 0.1)
+  b = jnp.asarray(rng.normal(size=(9, r, f)).astype(np.float32) * 0.1)
+  routing = rt.Routing(jnp.asarray(idx, jnp.int32), jnp.asarray(rng.random((t, 1)), jnp.float32))
+  scale = jnp.asarray(np.linspace(0.5, 1.5, 9), jnp.float32)
+  got = rt.routed_lora(x, a, b, routing, scale, backend="cpu_kernel")
+  want = rt.routed_lora(x, a, b, routing, scale, backend="oracle")
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("t,k,e", [(0, 2, 5), (70, 1, 1), (130, 3, 5), (200, 4, 7)])
