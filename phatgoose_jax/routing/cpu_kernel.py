@@ -23,9 +23,10 @@ parameter; accumulating into the base projection's output in place
 the experts, top-k and renormalisation of expert-major ``[E, T]`` logits in one pass, 16
 tokens per vector lane (`scores.phatgoose_route` takes it on CPU; see there).
 
-Build: the C++ sources ship with the package and are compiled (into one shared library) on first use with the system
-C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``) against the XLA FFI headers of the
-installed jaxlib (``jax.ffi.include_dir()``), ``-O3 -march=native``, into
+Build: the C++ sources ship with the package and are compiled, into one shared library, on
+first use with the system C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``) against
+the XLA FFI headers of the installed jaxlib (``jax.ffi.include_dir()``), ``-O3 -march=native``,
+into
 ``$PHATGOOSE_JAX_KERNEL_CACHE`` (default ``~/.cache/phatgoose_jax/kernels``) under a name that
 hashes the sources, the flags, the compiler, the jaxlib version and the CPU's model and
 instruction-set flags, so a rebuilt jaxlib, an edited source or another host sharing the cache
@@ -62,7 +63,8 @@ import numpy as np
 from phatgoose_jax.routing.types import RoutingError
 
 _KERNELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
-_SOURCES = (os.path.join(_KERNELS, "routed_lora_cpu.cc"), os.path.join(_KERNELS, "topk_softmax_cpu.cc"))
+_SOURCES = (os.path.join(_KERNELS, "routed_lora_cpu.cc"),
+            os.path.join(_KERNELS, "topk_softmax_cpu.cc"))
 _HEADERS = (os.path.join(_KERNELS, "run_parts.h"),)  # hashed into the cache key, not compiled
 _TARGET = "phatgoose_routed_lora_f32"
 _SYMBOL = "PhatgooseRoutedLoraF32"
@@ -275,11 +277,10 @@ def _topk_call(logits_et, k, scale, eps, renormalize):
                                 num_threads=np.int64(_num_threads()))
 
 
-def _topk_reference(logits_et, k, scale, renormalize_eps):
-  """The pure-JAX equal of the custom call (`scores.top_k_routing` of the [T, E] logits)."""
+def _topk_reference_weights(logits_et, k, scale, renormalize_eps):
+  """The custom call's weights by the pure-JAX path (`scores.top_k_routing` of [T, E] logits)."""
   from phatgoose_jax.routing.scores import top_k_routing  # pylint: disable=g-import-not-at-top
-  routing = top_k_routing(logits_et.T * scale, k, renormalize_eps=renormalize_eps)
-  return routing.weights, routing.indices
+  return top_k_routing(logits_et.T * scale, k, renormalize_eps=renormalize_eps).weights
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
@@ -296,7 +297,7 @@ def _topk_bwd(k, scale, renormalize_eps, logits_et, g):
   gw, _ = g
   # The VJP of the exact JAX path on the saved logits (its top-k selects the same experts up
   # to float32 ties; the indices have no gradient).
-  _, vjp = jax.vjp(lambda l: _topk_reference(l, k, scale, renormalize_eps)[0], logits_et)
+  _, vjp = jax.vjp(lambda l: _topk_reference_weights(l, k, scale, renormalize_eps), logits_et)
   return vjp(gw)
 
 

@@ -125,7 +125,8 @@ ffi::Error TopKSoftmaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
                            int64_t k, float scale, float eps, bool renormalize,
                            int64_t num_threads) {
   auto ld = logits.dimensions();
-  if (ld.size() != 2) return ffi::Error::InvalidArgument("top_k_softmax_cpu: logits must be [E, T]");
+  if (ld.size() != 2)
+    return ffi::Error::InvalidArgument("top_k_softmax_cpu: logits must be [E, T]");
   const int64_t e = ld[0], t = ld[1];
   if (k < 1 || k > 4 || k > e)
     return ffi::Error::InvalidArgument("top_k_softmax_cpu: need 1 <= k <= min(4, E)");
