@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 import re
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
@@ -115,6 +116,17 @@ def gumbel_sigmoid(rng: Array, logits: Array, temperature: float = 1.0) -> Array
   return jax.nn.sigmoid((logits + noise) / temperature)
 
 
+def check_task_ids(task_ids: Any, num_tasks: int, where: str) -> None:
+  """Raises `PolytroponError` naming ``where`` if concrete ``task_ids`` leave ``[0, num_tasks)``."""
+  if isinstance(task_ids, jax.core.Tracer):
+    return
+  ids = np.asarray(task_ids)
+  if ids.size and (ids.min() < 0 or ids.max() >= num_tasks):
+    bad = sorted({int(i) for i in ids.ravel() if not 0 <= i < num_tasks})
+    raise PolytroponError(f"{where}: task ids {bad[:8]} are outside [0, {num_tasks}) (Z has "
+                          f"{num_tasks} task rows; add rows for new tasks with add_task_rows)")
+
+
 def normalize_weights(probs: Array) -> Array:
   """w / (sum_k w + EPS) over the last (skills) axis, EPS = 1e-12 as mttl."""
   return probs / (jnp.sum(probs, axis=-1, keepdims=True) + EPS)
@@ -122,8 +134,15 @@ def normalize_weights(probs: Array) -> Array:
 
 def routing_weights(z: Array, task_ids: Array, *, training: bool = False,
                     rng: Optional[Array] = None, temperature: float = 1.0) -> Array:
-  """Normalised skill weights [B, H, K] of the tasks ``task_ids`` [B] from Z [T, H, K] (float32)."""
-  logits = jnp.take(jnp.asarray(z, jnp.float32), task_ids, axis=0)  # [B, H, K]
+  """Normalised skill weights [B, H, K] of the tasks ``task_ids`` [B] from Z [T, H, K] (float32).
+
+  Concrete ``task_ids`` outside ``[0, T)`` raise `PolytroponError` (a held-out task needs a row:
+  `add_task_rows`); traced ids cannot be checked, and an out-of-range id there gives NaN weights
+  (``jnp.take`` fill mode), never another task's row.
+  """
+  z = jnp.asarray(z, jnp.float32)
+  check_task_ids(task_ids, z.shape[0], "task_ids")
+  logits = jnp.take(z, task_ids, axis=0, mode="fill", fill_value=jnp.nan)  # [B, H, K]
   if training:
     if rng is None:
       raise PolytroponError("routing_weights: training=True needs an rng")
@@ -195,6 +214,16 @@ class PolySite(layers.DenseSite):
             self.make_rng("params"), (cfg.num_tasks, cfg.num_heads, k), jnp.float32,
             -cfg.z_init_range, cfg.z_init_range),
         axes=("task", "routing_head", "expert")).value
+    want = {"skills_a": (k, dim_in, r), "skills_b": (k, r, self.features),
+            Z_LEAF: (None, cfg.num_heads, k)}
+    for name, value in (("skills_a", skills_a), ("skills_b", skills_b), (Z_LEAF, z)):
+      shape = tuple(jnp.shape(value))
+      if len(shape) != 3 or any(w is not None and w != g for w, g in zip(want[name], shape)):
+        wanted = "[" + ", ".join("T" if w is None else str(w) for w in want[name]) + "]"
+        raise PolytroponError(
+            f"site {self.site!r}: adapters {name} must be {wanted} (PolytroponConfig: "
+            f"num_skills={k}, rank={r}, num_heads={cfg.num_heads}; D={dim_in}, "
+            f"F={self.features}), got {list(shape)}")
     return skills_a, skills_b, z
 
   @nn.compact
@@ -219,7 +248,14 @@ class PolySite(layers.DenseSite):
       if task_ids.shape != (batch,):
         raise PolytroponError(f"site {self.site!r}: site_inputs['task_ids'] must have shape "
                               f"({batch},), got {task_ids.shape}")
-      rng = self.make_rng("routing") if training else None
+      check_task_ids(site_inputs["task_ids"], z.shape[0],
+                     f"site {self.site!r}: site_inputs['task_ids']")
+      rng = None
+      if training:
+        if not self.has_rng("routing"):
+          raise PolytroponError(f"site {self.site!r}: site_inputs['training']=True needs a "
+                                "'routing' rng (apply(..., rngs={'routing': key}))")
+        rng = self.make_rng("routing")
       weights = routing_weights(z, task_ids, training=bool(training), rng=rng,
                                 temperature=cfg.temperature)  # [B, H, K]
     a_mix, b_mix = mix_skills(weights, jnp.asarray(skills_a, self.dtype),
@@ -306,6 +342,13 @@ def trainable_mask(adapters: Any, what: str = "all", row: Optional[int] = None) 
                           f"got {what!r}")
   if what == "z_row" and row is None:
     raise PolytroponError("trainable_mask: what='z_row' needs row")
+  if what == "z_row":
+    rows = {int(jnp.shape(leaf)[0]) for path, leaf in
+            jax.tree_util.tree_flatten_with_path(adapters)[0] if _leaf_name(path) == Z_LEAF}
+    if isinstance(row, bool) or not isinstance(row, (int, np.integer)) or any(
+        not 0 <= row < n for n in rows):
+      raise PolytroponError(f"trainable_mask: row={row!r} must be an int in [0, T) for every "
+                            f"site's Z (task rows: {sorted(rows)})")
 
   def leaf_mask(path, leaf):
     is_z = _leaf_name(path) == Z_LEAF
@@ -327,11 +370,19 @@ def merge_skills(adapters: Any, weights: Optional[Array] = None) -> Any:
   """Collapses every site's skills into one LoRA (``lora_a`` [D, R], ``lora_b`` [R, F]).
 
   ``weights`` [H, K] (default uniform 1/K: Poly-mu / MHR-mu's averaged adapter); head h's blocks are
-  mixed with weights[h]. The result uses the package's single-LoRA leaf names.
+  mixed with weights[h]. The result uses the package's single-LoRA leaf names and carries no
+  scale: apply it with the Poly sites' multiplier (``PolytroponConfig.scale``, default 1/rank).
   """
   def merge(site: dict) -> dict:
     k, h = site[Z_LEAF].shape[2], site[Z_LEAF].shape[1]
-    w = jnp.full((1, h, k), 1.0 / k) if weights is None else jnp.asarray(weights)[None]
+    if weights is None:
+      w = jnp.full((1, h, k), 1.0 / k)
+    else:
+      w = jnp.asarray(weights)
+      if w.shape != (h, k) or not jnp.issubdtype(w.dtype, jnp.number):
+        raise PolytroponError(f"merge_skills: weights must be numeric [H={h}, K={k}], got shape "
+                              f"{w.shape} dtype {w.dtype}")
+      w = w[None]
     a, b = mix_skills(w, jnp.asarray(site["skills_a"]), jnp.asarray(site["skills_b"]))
     return {"lora_a": a[0], "lora_b": b[0]}
   return _map_sites(merge, adapters)
@@ -349,8 +400,16 @@ def poly_optimizer(learning_rate: float = 1e-3, z_learning_rate: float = 0.1,
 
   Labels leaves by name, so it applies to an adapters tree or a whole variables dict alike. Z never
   gets weight decay (mttl's ``module_logits`` group has weight_decay 0).
+
+  Only the two learning rates (1e-3 skills, 0.1 Z) and AdamW come from mttl. Its training scripts
+  differ between versions in the rest (weight decay 0 or 0.01 on the skills, a linear schedule
+  with 6% warm-up, gradient clipping in some trainers); these defaults use a constant rate, no
+  decay and no clipping. Set ``weight_decay`` / ``clip_norm`` to match a given mttl run; a
+  schedule can be passed as ``learning_rate`` (an optax schedule).
   """
-  if learning_rate <= 0 or z_learning_rate <= 0:
+  if any(not callable(v) and (isinstance(v, bool) or not isinstance(v, numbers.Real)
+                                 or not v > 0)
+         for v in (learning_rate, z_learning_rate)):
     raise PolytroponError(f"poly_optimizer: learning_rate and z_learning_rate must be > 0, got "
                           f"{learning_rate!r}, {z_learning_rate!r}")
   label = lambda tree: jax.tree_util.tree_map_with_path(

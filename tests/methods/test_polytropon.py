@@ -162,6 +162,46 @@ def test_bad_inputs_raise_named_errors():
     poly.PolytroponConfig(routing="soft")
 
 
+def test_out_of_range_task_ids_are_named_errors_not_nan_or_wrapped():
+  site = _site()  # num_tasks=4
+  v, x, _ = _init(site)
+  for ids in ([0, 4, 1], [0, -1, 1]):  # past the last row; -1 used to wrap to task 3
+    with pytest.raises(poly.PolytroponError, match=r"site_inputs\['task_ids'\].*\[0, 4\)"):
+      site.apply(v, x, task_ids=jnp.asarray(ids))
+  with pytest.raises(poly.PolytroponError, match="task_ids"):
+    poly.routing_weights(v["adapters"]["module_logits"], jnp.asarray([7]))
+  # Under jit the ids cannot be checked: a bad id gives NaN, never another task's weights.
+  y = jax.jit(lambda ids: site.apply(v, x, task_ids=ids))(jnp.asarray([0, 9, 1]))
+  y = np.asarray(y)
+  assert np.all(np.isnan(y[1])) and np.all(np.isfinite(y[[0, 2]]))
+
+
+def test_loaded_adapters_must_match_the_config():
+  site = _site()  # K=3 skills, rank R, one head
+  v, x, ids = _init(site)
+  ad = v["adapters"]
+  bad = {"skills_a": jnp.zeros((3, D, R + 1)), "skills_b": jnp.zeros((3, R + 1, F)),
+         "module_logits": jnp.zeros((4, 2, 3))}
+  for name, value in bad.items():
+    with pytest.raises(poly.PolytroponError, match=rf"adapters {name} must be"):
+      site.apply({**v, "adapters": {**ad, name: value}}, x, task_ids=ids)
+  with pytest.raises(poly.PolytroponError, match="'routing' rng"):
+    site.apply(v, x, task_ids=ids, training=True)
+
+
+def test_merge_skills_weights_and_z_row_mask_are_checked():
+  tree = {"a": {"module_logits": jnp.zeros((2, 1, 3)), "skills_a": jnp.ones((3, 4, 2)),
+                "skills_b": jnp.ones((3, 2, 5))}}
+  w = jnp.asarray([[0.2, 0.3, 0.5]])
+  merged = poly.merge_skills(tree, w)["a"]
+  np.testing.assert_allclose(merged["lora_a"], np.ones((4, 2)))  # weights sum to 1
+  with pytest.raises(poly.PolytroponError, match="weights must be"):
+    poly.merge_skills(tree, jnp.asarray([0.2, 0.3, 0.5]))
+  for row in (2, -1, 1.0):
+    with pytest.raises(poly.PolytroponError, match="row="):
+      poly.trainable_mask(tree, "z_row", row=row)
+
+
 def test_poly_optimizer_uses_higher_lr_for_z():
   tree = {"site": {"module_logits": jnp.zeros((2, 1, 3)), "skills_a": jnp.zeros((3, 4, 2))}}
   tx = poly.poly_optimizer(1e-3, 0.1)
