@@ -13,6 +13,7 @@ routed model reads them with ``ExpertLibrary.stack(vectors='arrow')`` and router
 """
 from __future__ import annotations
 
+import functools
 from typing import Dict, Mapping, Optional, Sequence
 
 import jax
@@ -22,6 +23,13 @@ from phatgoose_jax import routing as rt
 from phatgoose_jax.library import ExpertLibrary, LibraryError
 
 ARROW_KIND = "arrow"
+
+
+@functools.partial(jax.jit, static_argnames=("method",))
+def _prototypes(a, b, method):
+  # One compiled program per (shapes, method) for the whole library (a fresh jit per expert
+  # recompiled every site shape of every expert).
+  return rt.arrow_prototypes(a, b, method=method)
 
 
 def expert_arrow_vectors(lora: Mapping[str, Mapping[str, np.ndarray]],
@@ -37,14 +45,13 @@ def expert_arrow_vectors(lora: Mapping[str, Mapping[str, np.ndarray]],
   """
   if not lora:
     raise LibraryError("expert_arrow_vectors: lora has no sites")
-  fn = jax.jit(lambda a, b: rt.arrow_prototypes(a, b, method=method))
   out = {}
   for site, ab in lora.items():
     if "lora_a" not in ab or "lora_b" not in ab:
       raise LibraryError(f"expert_arrow_vectors: site {site!r} lacks lora_a/lora_b")
     a = np.asarray(ab["lora_a"], np.float32)[None]  # [1, D, R]
     b = np.asarray(ab["lora_b"], np.float32)[None]  # [1, R, F]
-    out[site] = np.asarray(fn(a, b))[0].astype(np.float32)  # [D]
+    out[site] = np.asarray(_prototypes(a, b, method))[0].astype(np.float32)  # [D]
   return out
 
 

@@ -56,3 +56,12 @@ def test_skip_existing_and_subset(library):
     arrow.compute_arrow_vectors(library, names=["e9"])
   with pytest.raises(LibraryError, match="lora_a"):
     arrow.expert_arrow_vectors({"s": {"lora_a": np.zeros((2, 1))}})
+
+
+def test_experts_of_equal_shapes_reuse_one_compiled_program():
+  """A library of many experts compiles each (site shape, method) once, not once per expert."""
+  arrow.expert_arrow_vectors(_lora(5, 4))
+  before = arrow._prototypes._cache_size()  # pylint: disable=protected-access
+  for seed in (6, 7):
+    arrow.expert_arrow_vectors(_lora(seed, 4))
+  assert arrow._prototypes._cache_size() == before  # pylint: disable=protected-access
