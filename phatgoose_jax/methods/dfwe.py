@@ -329,7 +329,9 @@ def cma_search(objective: Callable[[np.ndarray], float], x0: np.ndarray, lower: 
   n = x0.size
   opts = {"bounds": [[lower] * n, [upper] * n], "seed": seed, "verbose": -9}
   if popsize is not None:
-    opts["popsize"] = int(popsize)
+    if isinstance(popsize, bool) or not isinstance(popsize, int) or popsize < 2:
+      raise CombinationError(f"popsize must be None or an int >= 2, got {popsize!r}")
+    opts["popsize"] = popsize
   es = cma.CMAEvolutionStrategy(x0.tolist(), float(sigma0), opts)
   while len(history) < budget:
     xs = es.ask()
@@ -357,6 +359,8 @@ def simplex_weights(x: np.ndarray) -> np.ndarray:
 
 def l1_penalty(w: np.ndarray, l1_weight: float) -> float:
   """LoraHub's ``default_l1_regularization``: ``l1_weight * mean_e |w_e|``."""
+  if not l1_weight >= 0:
+    raise CombinationError(f"l1_weight must be >= 0, got {l1_weight!r}")
   w = np.asarray(w, np.float64)
   return float(l1_weight * np.abs(w).sum() / w.size)
 
@@ -385,6 +389,13 @@ def finetune_stacked(t5_config: T5Config, params: Any, stacked: Stacked, batches
   sites = list(stacked)
   rank = int(np.shape(stacked[sites[0]]["lora_a"])[2])
   scales = np.asarray(stacked[sites[0]]["scale"], np.float64)
+  for s in sites[1:]:  # one single-LoRA model per expert: one rank and one scale at every site
+    if int(np.shape(stacked[s]["lora_a"])[2]) != rank or not np.array_equal(
+        np.asarray(stacked[s]["scale"], np.float64), scales):
+      raise CombinationError(
+          f"finetune: stacked[{s!r}] has rank {np.shape(stacked[s]['lora_a'])[2]} / scales "
+          f"{np.asarray(stacked[s]['scale']).tolist()}, site {sites[0]!r} rank {rank} / scales "
+          f"{scales.tolist()}; fine-tuning needs every site's rank and per-expert scale equal")
   for e in range(num):
     model = single_lora_model(t5_config, sites, rank, float(scales[e]))
     opt, train_step = _finetune_step(model, float(learning_rate))

@@ -85,6 +85,15 @@ def test_new_tasks_and_expert_values_reuse_the_compilations(problem):
   assert after.misses == before.misses and after.hits == before.hits + E
 
 
+def test_finetune_needs_one_rank_and_scale_at_every_site(problem):
+  params, stacked, batch = problem
+  sites = list(stacked)
+  other = dict(stacked)
+  other[sites[-1]] = dict(stacked[sites[-1]], scale=np.asarray(stacked[sites[-1]]["scale"]) * 2)
+  with pytest.raises(M.CombinationError, match="scale"):
+    M.finetune_stacked(CFG, params, other, batch, 1, 1e-3)
+
+
 def test_dfwe_puts_weight_on_the_target_expert(problem):
   params, stacked, batch = problem
   cfg = M.DFWEConfig(finetune_steps=3, budget=40, seed=1)
@@ -130,6 +139,11 @@ def test_cma_search_guards_and_optimises():
     args.update(kw)
     with pytest.raises(M.CombinationError, match=match):
       M.cma_search(lambda x: 0.0, np.zeros(2), -1, 1, **args)
+  for popsize in (0, 1, True, 2.5):
+    with pytest.raises(M.CombinationError, match="popsize"):
+      M.cma_search(lambda x: 0.0, np.zeros(2), -1, 1, 5, 0.5, 1, popsize=popsize)
+  with pytest.raises(M.CombinationError, match="l1_weight"):
+    M.l1_penalty([1.0], -0.1)
   np.testing.assert_allclose(M.simplex_weights(np.zeros(3)), np.full(3, 1 / 3))
   assert M.l1_penalty([1.0, -1.0, 0.0, 2.0], 0.05) == pytest.approx(0.05)
 
@@ -140,10 +154,16 @@ def test_gin_files_build(name):
   gin.clear_config()
   try:
     gin.parse_config_files_and_bindings([str(GIN_DIR / "routers" / f"{name}.gin")], [])
+    # The file itself binds the documented values (query_parameter raises for an unbound one;
+    # the dataclass defaults alone would not show that the gin file sets anything).
+    q = lambda p: gin.query_parameter(f"phatgoose_jax.methods.dfwe.{p}")
     if name == "dfwe":
+      assert (q("DFWEConfig.budget"), q("DFWEConfig.finetune_steps")) == (100, 50)
       cfg = M.DFWEConfig()
       assert cfg.budget == 100 and cfg.finetune_steps == 50
     else:
+      assert (q("LoraHubConfig.budget"), q("LoraHubConfig.bound"),
+              q("LoraHubConfig.l1_weight"), q("LoraHubConfig.seed")) == (40, 1.5, 0.05, 42)
       cfg = M.LoraHubConfig()
       assert (cfg.budget, cfg.bound, cfg.l1_weight) == (40, 1.5, 0.05)
   finally:
