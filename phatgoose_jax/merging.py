@@ -246,8 +246,26 @@ def _factor_list(name: str, value: Any) -> list[Array]:
   return items
 
 
+def _real_or_none(name: str, value: Any) -> float | None:
+  """``value`` as a Python float (None passes); bools, strings and arrays are named errors."""
+  if value is None:
+    return None
+  if isinstance(value, (bool, np.bool_, str, bytes)) or np.ndim(value) != 0:
+    raise MergeError(f"{name} must be a real number or None, got {value!r}")
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    raise MergeError(f"{name} must be a real number or None, got {value!r}") from None
+
+
 def _per_expert(name: str, value: Any, num_experts: int) -> np.ndarray:
-  arr = np.asarray(value, dtype=np.float64)
+  if value is None:
+    raise MergeError(f"{name} must be a scalar or one value per expert ({num_experts}), got None")
+  try:
+    arr = np.asarray(value, dtype=np.float64)
+  except (TypeError, ValueError):
+    raise MergeError(f"{name} must be numbers (a scalar or one per expert), got "
+                     f"{value!r}") from None
   if arr.ndim == 0:
     arr = np.full((num_experts,), float(arr))
   if arr.shape != (num_experts,):
@@ -348,15 +366,27 @@ def merge_loras(lora_as: Array | Sequence[Array], lora_bs: Array | Sequence[Arra
   is_svd = method in PEFT_SVD_METHODS
   if not is_svd and (svd_rank is not None or svd_clamp is not None):
     raise MergeError(f"svd_rank / svd_clamp only apply to svd methods, not {method!r}")
-  if svd_rank is not None and (int(svd_rank) != svd_rank or svd_rank < 1):
-    raise MergeError(f"svd_rank must be a positive integer, got {svd_rank}")
+  density = _real_or_none("density", density)  # a static jit argument: a hashable float
+  svd_clamp = _real_or_none("svd_clamp", svd_clamp)
+  if svd_rank is not None and (isinstance(svd_rank, (bool, np.bool_))
+                               or not isinstance(svd_rank, (int, np.integer)) or svd_rank < 1):
+    raise MergeError(f"svd_rank must be a positive integer, got {svd_rank!r}")
   if svd_clamp is not None and not 0 <= svd_clamp <= 1:
     raise MergeError(f"svd_clamp must be a quantile in [0, 1], got {svd_clamp}")
   _check_density(method, density)
-  if method.startswith("dare") and density < 1 and rng is None:
-    raise MergeError(f"method {method!r} with density {density} < 1 needs rng (a PRNGKey)")
   if method in PEFT_METHODS and num == 1:
-    method = "linear"  # PEFT's add_weighted_adapter does the same.
+    method = "linear"  # PEFT's add_weighted_adapter does the same (no rng needed then).
+    density = None
+  if method.startswith("dare") and density < 1:
+    if rng is None:
+      raise MergeError(f"method {method!r} with density {density} < 1 needs rng (a PRNGKey)")
+    try:
+      rng = jnp.asarray(rng) if not jax.dtypes.issubdtype(getattr(rng, "dtype", None),
+                                                           jax.dtypes.prng_key) else rng
+      jax.random.split(rng)
+    except (TypeError, ValueError):
+      raise MergeError(f"rng must be a jax PRNG key (jax.random.PRNGKey / key), got "
+                       f"{rng!r}") from None
   if method in PEFT_FACTOR_METHODS + ("uniform_factor",) and len(set(ranks)) != 1:
     raise MergeError(f"method {method!r} needs experts of equal rank, got ranks {ranks}")
 

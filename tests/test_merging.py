@@ -314,3 +314,27 @@ def test_bad_shapes_raise():
     merge_loras(a_in, [b_in[0], b_in[0]], 1.0, [1.0, 1.0], "cat")
   with pytest.raises(MergeError, match="lora_as"):
     merge_loras(np.zeros((13, 3)), b_in, 1.0, [1.0, 1.0], "cat")
+
+
+def test_bad_argument_types_are_named_merge_errors():
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(3, 5, 2)).astype(np.float32)
+  b = rng.normal(size=(3, 2, 4)).astype(np.float32)
+  # numpy / jax scalars are accepted as density (a static jit argument) and agree with a float
+  want = merging.merge_loras(a, b, 0.5, [1, 1, 1], "ties", density=0.5)[0]
+  for density in (np.float32(0.5), jnp.float32(0.5)):
+    np.testing.assert_allclose(merging.merge_loras(a, b, 0.5, [1, 1, 1], "ties",
+                                                   density=density)[0], want)
+  cases = [(dict(method="ties", density="0.5"), "density"),
+           (dict(method="svd", svd_clamp="0.5"), "svd_clamp"),
+           (dict(method="svd", svd_rank=True), "svd_rank"),
+           (dict(method="dare_linear", density=0.5, rng=0), "rng"),
+           (dict(method="linear", weights=["a", "b", "c"]), "weights"),
+           (dict(method="linear", scales=None), "scales")]
+  for kw, match in cases:
+    args = {"scales": 0.5, "weights": [1, 1, 1], **kw}
+    with pytest.raises(merging.MergeError, match=match):
+      merging.merge_loras(a, b, args.pop("scales"), args.pop("weights"), args.pop("method"),
+                          **args)
+  # one expert: dare falls back to linear as PEFT does, so no rng is needed
+  merging.merge_loras(a[:1], b[:1], 0.5, [1.0], "dare_linear", density=0.5)
