@@ -7,8 +7,10 @@ Layout of ``checkpoint_N/``:
     payload at 0-d. Arrays over flax's chunk limit are dicts ``{'__msgpack_chunked_array__': True,
     'shape': ..., 'chunks': {'0': ..., ...}}``.
   * a leaf may instead be a TensorStore spec dict (it has a ``driver`` key) whose
-    ``kvstore.path`` is relative to the checkpoint directory (t5x >= 2021); t5x writes the large
-    arrays that way, one zarr array per directory named by the ``.``-joined key path.
+    ``kvstore.path`` is relative to the checkpoint directory (t5x >= 2021), under kvstore driver
+    ``file``, ``gfile`` or, for checkpoints saved to ``gs://``, ``gcs`` with a placeholder
+    bucket (`_absolute_spec`); t5x writes the large arrays that way, one zarr array per
+    directory named by the ``.``-joined key path.
 
 Only ``optimizer/target`` (the model parameters) is read; optimizer state is never touched.
 Paths may be local or URLs understood by TensorStore (``gs://bucket/dir``), which are passed to
@@ -96,9 +98,11 @@ def _unchunk(node: Any) -> Any:
   if not isinstance(node, dict):
     return node
   if node.get(_CHUNKED_KEY):
-    chunks = node["chunks"]
+    chunks, shape = node["chunks"], node["shape"]
+    if isinstance(shape, dict):  # flax writes the shape tuple as a state dict {'0': n0, ...}
+      shape = [shape[k] for k in sorted(shape, key=int)]
     parts = [np.asarray(chunks[k]).ravel() for k in sorted(chunks, key=int)]
-    return np.concatenate(parts).reshape(node["shape"])
+    return np.concatenate(parts).reshape(tuple(int(n) for n in shape))
   return {k: _unchunk(v) for k, v in node.items()}
 
 
@@ -124,24 +128,48 @@ def read_msgpack_state(file_path: str) -> Dict[str, Any]:
   return _unchunk(state)
 
 
+_GS_URL = re.compile(r"^gs://([^/]*)/?(.*)$", re.DOTALL)
+_CHECKPOINT_DRIVERS = ("file", "gfile", "gcs")
+
+
 def _absolute_spec(spec: Dict[str, Any], checkpoint_dir: str) -> Dict[str, Any]:
-  """Rewrites a TensorStore spec whose kvstore path is relative to the checkpoint directory."""
+  """The TensorStore spec of a leaf, its kvstore path joined to the checkpoint directory.
+
+  As t5x restores (``checkpoints._maybe_update_ts_from_gcs_to_file`` and
+  ``_update_ts_path_from_relative_to_absolute``): whatever kvstore driver was written (``file``;
+  ``gfile``; ``gcs`` with t5x's placeholder bucket ``t5x-dummy-bucket``, which is how every
+  checkpoint saved to a ``gs://`` directory, the public T5X ones included, records its arrays),
+  the path is relative to the checkpoint directory, so the array is read with the ``file``
+  driver under a local directory and from the directory's own bucket under ``gs://``. An
+  absolute ``file`` path is kept (``os.path.join`` semantics, as t5x).
+  """
   spec = dict(spec)
   kvstore = spec.get("kvstore")
   if isinstance(kvstore, dict):
     kvstore = dict(kvstore)
+    driver = kvstore.get("driver")
     rel = kvstore.get("path", "")
-    if kvstore.get("driver") == "file" and not os.path.isabs(rel):
-      if is_remote(checkpoint_dir):
-        kvstore = _join(checkpoint_dir, rel)  # A URL kvstore spec; TensorStore parses it.
-      else:
-        kvstore["path"] = os.path.join(os.path.abspath(checkpoint_dir), rel)
-    spec["kvstore"] = kvstore
-  elif kvstore is None and "path" in spec:  # Very old t5x: top-level relative path.
-    rel = spec.pop("path")
-    spec["kvstore"] = (_join(checkpoint_dir, rel) if is_remote(checkpoint_dir) else
-                       {"driver": "file", "path": os.path.join(os.path.abspath(checkpoint_dir), rel)})
+    if driver not in _CHECKPOINT_DRIVERS or not isinstance(rel, str):
+      spec["kvstore"] = kvstore  # some other kvstore: handed to TensorStore as written
+      return spec
+    if driver == "file" and os.path.isabs(rel):
+      return spec
+    rel = rel.lstrip("/") if driver == "gcs" else rel
+    spec["kvstore"] = _kvstore_under(checkpoint_dir, rel)
+  elif kvstore is None and isinstance(spec.get("path"), str):  # tensorstore < 0.1.14 specs
+    spec["kvstore"] = _kvstore_under(checkpoint_dir, spec.pop("path"))
   return spec
+
+
+def _kvstore_under(checkpoint_dir: str, rel: str) -> Any:
+  """The kvstore of ``rel`` inside ``checkpoint_dir`` (local: file driver; gs://: its bucket)."""
+  m = _GS_URL.match(checkpoint_dir)
+  if m is not None:
+    return {"driver": "gcs", "bucket": m.group(1),
+            "path": "/".join(p for p in (m.group(2).strip("/"), rel) if p)}
+  if is_remote(checkpoint_dir):
+    return _join(checkpoint_dir, rel)  # another URL scheme; TensorStore parses it
+  return {"driver": "file", "path": os.path.join(os.path.abspath(checkpoint_dir), rel)}
 
 
 def _read_tensorstore(spec: Dict[str, Any], checkpoint_dir: str, name: str) -> np.ndarray:
