@@ -83,6 +83,9 @@ def config_from_hf(hf: Dict[str, Any], source: str = CONFIG_FILE) -> Tuple[T5Con
   Raises:
     CheckpointError: naming the field for architectures t5x's T5.1.1 tree cannot represent.
   """
+  if not isinstance(hf, dict):
+    raise CheckpointError(f"{source}: expected a JSON object of T5 settings, got "
+                          f"{type(hf).__name__}")
   model_type = hf.get("model_type", "t5")
   if model_type not in ("t5", "mt5"):
     raise CheckpointError(
@@ -100,8 +103,8 @@ def config_from_hf(hf: Dict[str, Any], source: str = CONFIG_FILE) -> Tuple[T5Con
         f"{source}: scale_decoder_outputs=true with tie_word_embeddings=false (an untied lm_head "
         f"applied to a d_model**-0.5-rescaled decoder output) cannot be represented: t5x only "
         f"rescales when logits_via_embedding is true")
-  num_layers = int(_get(hf, "num_layers", 6))
   try:
+    num_layers = int(_get(hf, "num_layers", 6))
     config = T5Config(
         vocab_size=int(_get(hf, "vocab_size", 32128)),
         emb_dim=int(_get(hf, "d_model", 512)),
@@ -137,9 +140,16 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
     raise CheckpointError(f"{path} is not a safetensors file: {e}") from e
   body = memoryview(data)[8 + header_len:]
   tensors = {}
+  if not isinstance(header, dict):
+    raise CheckpointError(f"{path} is not a safetensors file: its header is not a JSON object")
   for name, info in header.items():
     if name == "__metadata__":
       continue
+    if (not isinstance(info, dict) or not isinstance(info.get("dtype"), str)
+        or not isinstance(info.get("shape"), list)
+        or not isinstance(info.get("data_offsets"), list) or len(info["data_offsets"]) != 2):
+      raise CheckpointError(f"{path}: header entry of tensor {name!r} needs 'dtype', 'shape' and "
+                            f"'data_offsets' [start, end], got {info!r}")
     dtype_name = info["dtype"]
     if dtype_name == "BF16":
       import ml_dtypes  # pylint: disable=g-import-not-at-top
@@ -162,10 +172,14 @@ def _read_hf_tensors(path: str) -> Dict[str, np.ndarray]:
   index_path = os.path.join(path, INDEX_FILE)
   if os.path.isfile(os.path.join(path, WEIGHTS_FILE)):
     return read_safetensors(os.path.join(path, WEIGHTS_FILE))
-  with open(index_path, "r", encoding="utf-8") as f:
-    weight_map = json.load(f).get("weight_map")
-  if not isinstance(weight_map, dict):
-    raise CheckpointError(f"{index_path} has no 'weight_map'")
+  try:
+    with open(index_path, "r", encoding="utf-8") as f:
+      index = json.load(f)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"cannot read the safetensors index {index_path}: {e}") from e
+  weight_map = index.get("weight_map") if isinstance(index, dict) else None
+  if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+    raise CheckpointError(f"{index_path} has no 'weight_map' of tensor name -> shard file")
   tensors: Dict[str, np.ndarray] = {}
   for shard in sorted(set(weight_map.values())):
     shard_path = os.path.join(path, shard)

@@ -187,3 +187,34 @@ def test_relu_variant_and_config_path_detection(tmp_path, hf_tensors):
   assert cfg.mlp_activations == ("relu",)
   np.testing.assert_array_equal(params["decoder"]["layers_1"]["mlp"]["wi"]["kernel"],
                                 hf_tensors["decoder.block.1.layer.2.DenseReluDense.wi_0.weight"].T)
+
+
+def test_malformed_files_are_named_checkpoint_errors(tmp_path, hf_tensors):
+  # config.json that is not an object, and a non-numeric num_layers
+  folder = _hf_folder(tmp_path, dict(hf_tensors))
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump([1, 2], f)
+  with pytest.raises(CheckpointError, match="config.json.*JSON object"):
+    load_checkpoint(folder)
+  with open(os.path.join(HF_MODEL, "config.json")) as f:
+    good = json.load(f)
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(dict(good, num_layers="two"), f)
+  with pytest.raises(CheckpointError, match="config.json.*invalid T5 configuration"):
+    load_checkpoint(folder)
+  # a sharded folder whose index is not JSON, or maps names to non-strings
+  sharded = tmp_path / "sharded"
+  sharded.mkdir()
+  shutil.copy(os.path.join(HF_MODEL, "config.json"), sharded / "config.json")
+  index = sharded / "model.safetensors.index.json"
+  for text in ("{not json", json.dumps({"weight_map": {"shared.weight": 3}})):
+    index.write_text(text)
+    with pytest.raises(CheckpointError, match="index"):
+      load_checkpoint(str(sharded))
+  # a safetensors header entry without its dtype
+  header = json.dumps({"shared.weight": {"shape": [2], "data_offsets": [0, 8]}}).encode()
+  bad = tmp_path / "bad.safetensors"
+  bad.write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+  from phatgoose_jax.checkpoints import hf  # pylint: disable=g-import-not-at-top
+  with pytest.raises(CheckpointError, match="shared.weight.*dtype"):
+    hf.read_safetensors(str(bad))
