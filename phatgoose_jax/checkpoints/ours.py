@@ -79,7 +79,8 @@ def save_checkpoint(directory: str,
 
   Args:
     directory: target directory; must not exist unless ``overwrite``.
-    params: nested t5x parameter tree (numpy or jax arrays); checked against ``config``.
+    params: nested t5x parameter tree (numpy or jax arrays); checked against ``config`` and
+      stored in ``config.param_dtype``.
     config: the model configuration, stored as ``phatgoose_config.json``.
     step: optional training step, recorded in the metadata.
     extra_metadata: optional JSON-serialisable dict, recorded in the metadata.
@@ -93,7 +94,10 @@ def save_checkpoint(directory: str,
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   directory = os.path.abspath(os.fspath(directory))
-  flat = {k: np.asarray(v) for k, v in flatten_params(params).items()}
+  # Stored in config.param_dtype, which is what `load_checkpoint` returns, so the recorded
+  # fingerprint is that of the loaded parameters whatever dtype they arrived in.
+  dtype = np.dtype(config.params_dtype)
+  flat = {k: np.asarray(v).astype(dtype, copy=False) for k, v in flatten_params(params).items()}
   check_param_shapes(shapes_of(flat), config, directory)
   if os.path.exists(directory) and not overwrite:
     raise CheckpointError(f"checkpoint directory {directory} already exists (pass overwrite=True)")
@@ -121,8 +125,14 @@ def save_checkpoint(directory: str,
       f.write(metadata_text)
     if os.path.exists(directory):  # overwrite: move the old one aside, then swap.
       trash = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-      os.replace(directory, os.path.join(trash, name))
-      os.replace(tmp, directory)
+      old = os.path.join(trash, name)
+      os.replace(directory, old)
+      try:
+        os.replace(tmp, directory)
+      except BaseException:
+        os.replace(old, directory)  # the swap failed: put the old checkpoint back
+        shutil.rmtree(trash, ignore_errors=True)
+        raise
       shutil.rmtree(trash, ignore_errors=True)
     else:
       os.replace(tmp, directory)

@@ -348,7 +348,12 @@ def write_entry(experts_dir: str, name: str, tensors: Mapping[str, np.ndarray],
       old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=experts_dir)
       os.rmdir(old)
       os.replace(final, old)  # Directories cannot be replaced over a non-empty target.
-    os.replace(tmp, final)
+    try:
+      os.replace(tmp, final)
+    except BaseException:
+      if old is not None:
+        os.replace(old, final)  # the swap failed: put the previous entry back
+      raise
     _fsync_dir(experts_dir)
     if old is not None:
       shutil.rmtree(old, ignore_errors=True)

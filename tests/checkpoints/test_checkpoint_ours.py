@@ -80,6 +80,34 @@ def test_failed_write_leaves_nothing(tmp_path, base, monkeypatch):
   assert os.listdir(tmp_path) == []
 
 
+def test_params_are_stored_in_param_dtype_so_the_fingerprint_matches_the_load(tmp_path, base):
+  cfg, params = base  # float32 config
+  as_bf16 = unflatten_params({k: v.astype("bfloat16") for k, v in flatten_params(params).items()})
+  fp = save_checkpoint(str(tmp_path / "c"), as_bf16, cfg)
+  _, loaded = load_checkpoint(str(tmp_path / "c"))
+  assert all(v.dtype == np.float32 for v in flatten_params(loaded).values())
+  assert fp == params_fingerprint(loaded) == read_metadata(str(tmp_path / "c"))["fingerprint"]
+
+
+def test_failed_overwrite_swap_keeps_the_old_checkpoint(tmp_path, base, monkeypatch):
+  cfg, params = base
+  target = str(tmp_path / "ckpt")
+  save_checkpoint(target, params, cfg, step=1)
+  real_replace, calls = os.replace, []
+  def flaky(src, dst):
+    calls.append((src, dst))
+    if len(calls) == 2:  # the old checkpoint was moved aside; the new one fails to move in
+      raise OSError("device busy")
+    return real_replace(src, dst)
+  monkeypatch.setattr(ours.os, "replace", flaky)
+  with pytest.raises(OSError, match="device busy"):
+    save_checkpoint(target, params, cfg, step=2, overwrite=True)
+  monkeypatch.undo()
+  assert read_metadata(target)["step"] == 1  # still there, and loadable
+  load_checkpoint(target)
+  assert _siblings(target) == ["ckpt"]
+
+
 def test_params_must_match_config(tmp_path, base):
   cfg, params = base
   with pytest.raises(CheckpointError, match=r"layers_0/mlp/wi_0/kernel' has shape \(24, 40\), expected \(24, 41\)"):

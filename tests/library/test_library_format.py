@@ -226,6 +226,27 @@ def test_crash_during_entry_write_leaves_library_unchanged(lib, monkeypatch):
   assert lib.check() == []
 
 
+def test_failed_overwrite_swap_restores_the_previous_entry(lib, monkeypatch):
+  lib.add("a", make_lora(0), 1.0)
+  before = _snapshot(lib.path)
+  real_replace, calls = os.replace, []
+
+  def fail_second_dir_move(src, dst):
+    if os.path.isdir(src):
+      calls.append(src)
+      if len(calls) == 2:  # the old entry was moved aside; the new one fails to move in
+        raise OSError("simulated crash")
+    return real_replace(src, dst)
+
+  monkeypatch.setattr(fmt.os, "replace", fail_second_dir_move)
+  with pytest.raises(OSError, match="simulated crash"):
+    lib.add("a", make_lora(1), 0.5, overwrite=True)
+  monkeypatch.setattr(fmt.os, "replace", real_replace)
+  assert _snapshot(lib.path) == before  # the old entry is back, nothing left behind
+  np.testing.assert_array_equal(ExpertLibrary.open(lib.path).load("a").lora[
+      next(iter(make_lora(0)))]["lora_a"], make_lora(0)[next(iter(make_lora(0)))]["lora_a"])
+
+
 def test_leftover_temp_and_orphan_dirs_are_reported_not_listed(lib):
   lib.add("a", make_lora(0), 1.0)
   os.makedirs(os.path.join(lib.experts_dir, ".b.tmp-123"))
