@@ -150,9 +150,19 @@ class ExpertLibrary:
       raise LibraryError(f"{file}: field 'format_version' is {index['format_version']!r}; this "
                          f"phatgoose_jax reads version {fmt.FORMAT_VERSION}")
     fmt.as_config(index["t5_config"])
-    if not isinstance(index["experts"], list) or len(set(index["experts"])) != len(
-        index["experts"]):
-      raise LibraryError(f"{file}: field 'experts' must be a list of distinct names")
+    experts = index["experts"]
+    if (not isinstance(experts, list) or not all(isinstance(n, str) for n in experts)
+        or len(set(experts)) != len(experts)):
+      raise LibraryError(f"{file}: field 'experts' must be a list of distinct names, got "
+                         f"{experts!r}")
+    sites = index["sites"]
+    if sites is not None and (not isinstance(sites, list)
+                              or not all(isinstance(n, str) for n in sites)):
+      raise LibraryError(f"{file}: field 'sites' must be null or a list of site names, got "
+                         f"{sites!r}")
+    rank = index["rank"]
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+      raise LibraryError(f"{file}: field 'rank' must be null or a positive int, got {rank!r}")
     return index
 
   def _reload(self) -> None:

@@ -121,6 +121,11 @@ def read_peft_config(adapter_dir: str) -> Tuple[Dict[str, Any], float]:
   if config.get("modules_to_save"):
     raise bad("modules_to_save", f"is {config['modules_to_save']!r}: fully fine-tuned modules "
               "are not part of a LoRA expert")
+  targets = config.get("target_modules")
+  if targets is not None and not isinstance(targets, str) and not (
+      isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+    raise bad("target_modules", f"must be null, a regex string or a list of module names, got "
+              f"{targets!r}")
   use_rslora = bool(config.get("use_rslora", False))
   scale = float(alpha) / (math.sqrt(r) if use_rslora else r)
   return config, scale

@@ -333,3 +333,8 @@ def test_create_and_open_errors(tmp_path, lib):
   json.dump(index, open(index_path, "w"))
   with pytest.raises(LibraryError, match="'format_version' is 99"):
     ExpertLibrary.open(lib.path)
+  index["format_version"] = fmt.FORMAT_VERSION
+  for field, value in (("sites", 3), ("experts", [1]), ("rank", "16")):
+    json.dump(dict(index, **{field: value}), open(index_path, "w"))
+    with pytest.raises(LibraryError, match=f"field '{field}' must be"):
+      ExpertLibrary.open(lib.path)

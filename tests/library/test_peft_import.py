@@ -101,6 +101,7 @@ def _copy(adapters_dir, tmp_path, edit=None, task="task_a"):
     (lambda c: c.update(peft_type="IA3"), r"field 'peft_type'"),
     (lambda c: c.update(r=8), r"disagree with adapter_config.json field 'r' = 8"),
     (lambda c: c.update(target_modules=["q", "k", "v", "o"]), r"field 'target_modules'"),
+    (lambda c: c.update(target_modules=5), r"field 'target_modules' must be"),
 ])
 def test_malformed_configs_are_refused(adapters_dir, tmp_path, edit, pattern):
   with pytest.raises(LibraryError, match=pattern):
