@@ -26,6 +26,7 @@ from phatgoose_jax.checkpoints.t5x_legacy import is_remote, latest_step_dir
 
 _METADATA = "_METADATA"
 _STATE = "state"
+_OCDBT_MANIFEST = "manifest.ocdbt"
 
 
 def _join(base: str, rel: str) -> str:
@@ -56,6 +57,14 @@ def find_orbax_state_dir(path: str) -> Optional[str]:
   if step_dir is not None and _is_pytree_item(os.path.join(step_dir, _STATE)):
     return os.path.join(step_dir, _STATE)
   return None
+
+
+def _exists(path: str) -> bool:
+  if not is_remote(path):
+    return os.path.isfile(path)
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top
+  directory, name = path.rsplit("/", 1)
+  return ts.KvStore.open(directory + "/").result().read(name).result().state == "value"
 
 
 def _read_text(path: str) -> str:
@@ -118,7 +127,10 @@ def read_orbax_pytree(path: str, prefix: Optional[str] = "target") -> Dict[str, 
     metadata = json.loads(_read_text(metadata_path))
   except (OSError, ValueError) as e:
     raise CheckpointError(f"cannot read Orbax metadata {metadata_path}: {e}") from e
-  use_ocdbt = bool(metadata.get("use_ocdbt", False))
+  if "use_ocdbt" in metadata:
+    use_ocdbt = bool(metadata["use_ocdbt"])
+  else:  # older Orbax metadata: as Orbax, an OCDBT store is recognised by its manifest file
+    use_ocdbt = _exists(_join(state_dir, _OCDBT_MANIFEST))
   use_zarr3 = bool(metadata.get("use_zarr3", False))
   leaves = _leaf_paths(metadata, state_dir)
   if prefix is not None:

@@ -254,3 +254,18 @@ def test_flax_chunked_array_leaf_is_read(tmp_path):
     target["encoder"]["layers_1"]["mlp"]["wo"]["kernel"] = leaf
   _, params = load_checkpoint(_altered_legacy(tmp_path, edit))
   np.testing.assert_array_equal(params["encoder"]["layers_1"]["mlp"]["wo"]["kernel"], values)
+
+
+def test_orbax_metadata_without_use_ocdbt_finds_the_ocdbt_manifest(tmp_path, orbax):
+  """Older Orbax metadata has no 'use_ocdbt'; Orbax then looks for manifest.ocdbt, as we do."""
+  ckpt = _writable_copy(os.path.join(ORBAX, "checkpoint_0"), str(tmp_path / "checkpoint_0"))
+  meta_path = os.path.join(ckpt, "state", "_METADATA")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  assert meta.pop("use_ocdbt") is True
+  with open(meta_path, "w") as f:
+    json.dump(meta, f)
+  _, params = load_checkpoint(ckpt)
+  want, got = flatten_params(orbax[1]), flatten_params(params)
+  assert want.keys() == got.keys()
+  assert all(np.array_equal(got[k], want[k]) for k in want)
