@@ -23,6 +23,12 @@ since LoRA is linear); ``use_input_gate_as_router`` (scripts/manipulations.py) t
 Average-Activation checkpoints the same key holds averaged hidden states (store them with another
 kind via `ExpertLibrary.set_vectors`).
 
+Not covered: ``FFNExperts(use_input_gate=True)`` (no paper config uses it) multiplies the
+bottleneck by the sigmoid of its own first unit and divides by R - 1, so such an expert is not a
+LoRA update and imports wrongly; the state dict does not record the option. Whole-stack routers
+(the A1 decoder router, retrieval checkpoints: ``<stack>._addons.router.expert_embeddings__<i>``)
+are skipped and listed in ``info['stack_routers']``; their LoRA weights import as usual.
+
 torch is an optional dependency (``pip install phatgoose_jax[torch]``), imported lazily; files are
 read with ``torch.load(weights_only=True)`` (no arbitrary unpickling).
 
@@ -43,6 +49,10 @@ _KEY_RE = re.compile(
     r"^(?:.*?\.)??((?:encoder|decoder)\.block\.\d+\.layer\.\d+\.\w+\.\w+)\._addons\."
     r"(expert_lora|router)\.(layer1|layer2|expert_embeddings|expert_input_gate)(?:_(\w+))?$")
 _INDEX_RE = re.compile(r"^_(\d+)$")
+# One router for a whole stack (the official A1 decoder router, ``make_one_router_decoder``, and
+# retrieval checkpoints, ``make_checkpoint_for_retrieval``): not a per-site PHATGOOSE gate.
+_STACK_ROUTER_RE = re.compile(
+    r"^(?:.*?\.)??(encoder|decoder)\._addons\.router\.expert_embeddings_(\w+)$")
 
 ExpertId = Union[int, str]
 
@@ -104,6 +114,8 @@ def parse_official_state_dict(state: Mapping[str, np.ndarray], source: str = "st
   for key, value in state.items():
     if "._addons." not in key:
       continue  # base-model weights (e.g. embed_tokens) are not part of an expert.
+    if _STACK_ROUTER_RE.match(key):
+      continue  # a whole-stack router (see `stack_routers`), not part of any site's expert
     m = _KEY_RE.match(key)
     if m is None:
       raise LibraryError(f"{source}: addon tensor {key!r} is not an expert_lora layer1/layer2 or "
@@ -128,9 +140,24 @@ def parse_official_state_dict(state: Mapping[str, np.ndarray], source: str = "st
   return experts, input_gates
 
 
+def stack_routers(state: Mapping[str, np.ndarray]) -> Dict[str, Dict[ExpertId, np.ndarray]]:
+  """Whole-stack router vectors of an official state dict, ``{'encoder'|'decoder': {i: [D]}}``.
+
+  The official A1 layout (``moe_lora_rank16_a1.gin``: one decoder router) and retrieval
+  checkpoints store ``<stack>._addons.router.expert_embeddings__<i>``. phatgoose_jax routes per
+  site, so these are reported (``info['stack_routers']``) but not imported as gates.
+  """
+  out: Dict[str, Dict[ExpertId, np.ndarray]] = {}
+  for key, value in state.items():
+    m = _STACK_ROUTER_RE.match(key)
+    if m is not None:
+      out.setdefault(m.group(1), {})[_identifier_index(m.group(2))] = value
+  return out
+
+
 def _build(index: ExpertId, sites: Mapping[str, Mapping[str, np.ndarray]],
            input_gates: Mapping[str, np.ndarray], single: bool, source: str,
-           scale: Optional[float]):
+           scale: Optional[float], stacks: Tuple[str, ...] = ()):
   lora: Dict[str, Dict[str, np.ndarray]] = {}
   gates: Dict[str, np.ndarray] = {}
   rank = None
@@ -138,7 +165,7 @@ def _build(index: ExpertId, sites: Mapping[str, Mapping[str, np.ndarray]],
     slot = sites[site]
     if "lora_a" not in slot or "lora_b" not in slot:
       if set(slot) == {"gate"}:
-        continue  # A router vector without LoRA weights at this site (e.g. A1 decoder routers).
+        continue  # a router vector at a site without LoRA weights: nothing to route to
       raise LibraryError(f"{source}: expert {index!r} at {site}: needs layer1 and layer2, has "
                          f"{sorted(slot)}")
     a, b = slot["lora_a"], slot["lora_b"]  # [D, R], [R, F]
@@ -163,12 +190,20 @@ def _build(index: ExpertId, sites: Mapping[str, Mapping[str, np.ndarray]],
     raise LibraryError(f"{source}: expert {index!r} has no LoRA weights")
   if gates and set(gates) != set(lora):
     missing = sorted(set(lora) - set(gates))
-    raise LibraryError(f"{source}: expert {index!r}: router vectors missing at sites {missing}")
+    if not stacks:
+      raise LibraryError(f"{source}: expert {index!r}: router vectors missing at sites {missing}")
+    gates = {}  # A1 / retrieval layout: per-site gates only where no stack router is used
+  stack_note = ({"stack_routers": list(stacks),
+                 "stack_routers_note": "whole-stack routers (official A1 / retrieval layout) are "
+                 "not imported: phatgoose_jax routes per site"} if stacks else {})
   info = {"import_kind": "phatgoose_official", "source": os.path.abspath(source)
           if os.path.exists(source) else source, "expert_index": index, "rank": int(rank),
           "scale_rule": "1/R (divide_by_d_bottleneck)" if scale is None else "given",
           "gate_source": ("router.expert_embeddings" if any("gate" in s for s in sites.values())
-                          else ("expert_lora.expert_input_gate" if gates else None))}
+                          else ("expert_lora.expert_input_gate" if gates else None)),
+          **stack_note}
+  if not gates:
+    info["gate_source"] = None
   return lora, (1.0 / rank if scale is None else float(scale)), (gates or None), info
 
 
@@ -177,13 +212,16 @@ def import_phatgoose_experts(path: str, scale: Optional[float] = None
                                                        Optional[Dict[str, np.ndarray]],
                                                        Dict[str, Any]]]:
   """Every expert of an official checkpoint: ``{i: (lora, scale, gates, info)}`` in index order."""
-  experts, input_gates = parse_official_state_dict(load_state_dict(path), os.fspath(path))
+  state = load_state_dict(path)
+  experts, input_gates = parse_official_state_dict(state, os.fspath(path))
+  stacks = tuple(sorted(stack_routers(state)))
   if not experts:
     raise LibraryError(f"{path}: no '._addons.expert_lora.layer1__<i>' tensors found; is this a "
                        "PHATGOOSE expert checkpoint?")
   single = len(experts) == 1
   order = sorted(experts, key=lambda i: (isinstance(i, str), i))
-  return {i: _build(i, experts[i], input_gates, single, os.fspath(path), scale) for i in order}
+  return {i: _build(i, experts[i], input_gates, single, os.fspath(path), scale, stacks)
+          for i in order}
 
 
 def import_phatgoose_checkpoint(path: str, expert_index: Optional[ExpertId] = None,

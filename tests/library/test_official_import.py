@@ -140,3 +140,23 @@ def test_malformed_checkpoints(tmp_path):
     import_phatgoose_checkpoint(str(tmp_path / "half.pt"))
   with pytest.raises(LibraryError, match="does not exist"):
     import_phatgoose_checkpoint(str(tmp_path / "nope.pt"))
+
+
+def test_a1_stack_router_is_skipped_and_reported(tmp_path):
+  """Official A1 layout: per-site routers in the encoder, one router for the whole decoder."""
+  torch = pytest.importorskip("torch")
+  experts = _experts(2)
+  path = _save(torch, tmp_path / "a1.pt", experts)
+  state = torch.load(path, weights_only=True)
+  for key in [k for k in state if k.startswith("decoder.") and "router" in k]:
+    del state[key]
+  for i in range(2):
+    state[f"decoder._addons.router.expert_embeddings__{i}"] = torch.ones(13)
+  torch.save(state, path)
+  got = import_phatgoose_checkpoint(path, expert_index=1)
+  lora, scale, gates, info = got
+  for site, (a, b, _) in experts[1].items():
+    np.testing.assert_array_equal(lora[site]["lora_a"], a)
+    np.testing.assert_array_equal(lora[site]["lora_b"], b)
+  assert gates is None and info["gate_source"] is None
+  assert info["stack_routers"] == ["decoder"]
