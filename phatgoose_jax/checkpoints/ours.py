@@ -23,6 +23,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
+from phatgoose_jax import fileperm
 from phatgoose_jax.checkpoints.shapes import (CheckpointError, check_param_shapes, flatten_params,
                                               shapes_of, unflatten_params)
 from phatgoose_jax.models.config import T5Config
@@ -123,6 +124,7 @@ def save_checkpoint(directory: str,
       json.dump(config.to_dict(), f, indent=2, sort_keys=True)
     with open(os.path.join(tmp, METADATA_FILE), "w", encoding="utf-8") as f:
       f.write(metadata_text)
+    fileperm.ordinary_mode(tmp)
     if os.path.exists(directory):  # overwrite: move the old one aside, then swap.
       trash = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
       old = os.path.join(trash, name)

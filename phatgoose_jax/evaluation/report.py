@@ -23,6 +23,8 @@ from typing import Any, Mapping, Optional, Sequence
 import flax.linen as nn
 import numpy as np
 
+from phatgoose_jax import fileperm
+
 Trace = Mapping[str, tuple]
 
 
@@ -42,9 +44,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(data)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
+    fileperm.ordinary_mode(tmp)  # mkstemp creates 0600; give the file ordinary permissions
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

@@ -40,6 +40,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
+from phatgoose_jax import fileperm
 from phatgoose_jax.checkpoints.shapes import expected_param_shapes
 from phatgoose_jax.models.config import T5Config
 
@@ -273,6 +274,7 @@ def write_file_atomic(path: str, data: bytes) -> None:
       f.write(data)
       f.flush()
       os.fsync(f.fileno())
+    fileperm.ordinary_mode(tmp)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -343,6 +345,8 @@ def write_entry(experts_dir: str, name: str, tensors: Mapping[str, np.ndarray],
         f.flush()
         os.fsync(f.fileno())
     _fsync_dir(tmp)
+    for fname in (WEIGHTS_FILE, METADATA_FILE, ""):
+      fileperm.ordinary_mode(os.path.join(tmp, fname) if fname else tmp)
     old = None
     if os.path.lexists(final):
       old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=experts_dir)

@@ -27,6 +27,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 from flax import traverse_util
 import jax
 import numpy as np
+
+from phatgoose_jax import fileperm
 import orbax.checkpoint as ocp
 
 EXPORT_DIR = "export"
@@ -141,6 +143,7 @@ def _atomic_write(path: str, write_fn) -> None:
   os.close(fd)
   try:
     write_fn(tmp)
+    fileperm.ordinary_mode(tmp)
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
