@@ -148,7 +148,8 @@ def quick_config(seed: int = 0) -> DemoConfig:
                     expert_batch=16, gate_steps=4, multitask_steps=8, eval_examples=12,
                     context_examples=6, fewshot_examples=3, lorahub_budget=4,
                     prototype_examples=16, eval_batch=12, poly_steps=8, poly_adapt_steps=3,
-                    task_moe_steps=8, dfwe_finetune_steps=2, dfwe_budget=4)
+                    task_moe_steps=8, task_moe_stage2_steps=2, dfwe_finetune_steps=2,
+                    dfwe_budget=4)
 
 
 # ------------------------------------------------------------------------------------------------

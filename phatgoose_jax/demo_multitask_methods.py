@@ -23,11 +23,13 @@ Protocols (every setting is a `demo.DemoConfig` field fixed before any evaluatio
   the task's inputs of the frozen base encoder's mean-pooled output, ``task_repr='input'``), so an
   unseen task can be routed: stage 1 trains base + copies + router jointly on the union
   (``task_moe_steps`` steps, straight-through Gumbel-softmax, lr ``task_moe_lr`` for the model,
-  the official 1e-3 for the router). Stage 2 (re-initialise the copies, train with the frozen
-  routes) runs only if ``task_moe_stage2_steps`` > 0 (0 in the default demo, to keep its runtime).
-  A held-out task's representation comes from ``prototype_examples`` UNLABELLED inputs of its
-  training split (no targets; marked "(unlabelled inputs)"); its route is the router's argmax.
-  Evaluation uses the exact equivalent plain T5 (each site's kernel = its routed copy).
+  the official 1e-3 for the router). Stage 2 (the official one: every weight back to the base
+  model, router frozen, routes softmax(logits / tau) annealed from tau 300 to 1, warm-up and
+  linear decay) runs only if ``task_moe_stage2_steps`` > 0 (0 in the default demo, to keep its
+  runtime). A held-out task's representation comes from ``prototype_examples`` UNLABELLED inputs
+  of its training split (no targets; marked "(unlabelled inputs)"); its route is the router's
+  argmax after stage 1 and softmax(logits) after stage 2. Evaluation uses the exact equivalent
+  plain T5 (each site's kernel = its routed mix of copies).
 * DFWE (Ninalga 2023; `methods.dfwe`): each library expert fine-tuned on the k labelled examples
   (``dfwe_finetune_steps`` Adam steps), then CMA-ES (``dfwe_budget`` loss evaluations) over simplex
   weights interpolating the fine-tuned experts' updates, scored by the k-shot loss.
@@ -261,8 +263,8 @@ def task_representations(ctx: MethodContext, texts: Mapping[str, Sequence[str]])
 
 def _routed_params(params: Mapping[str, Any], adapters: Mapping[str, Any],
                    routes: Mapping[str, np.ndarray]) -> dict:
-  """Plain-T5 params equal to the task-MoE model under one-hot ``routes`` {stack: [n, m]}: each
-  site's ``kernel`` <- its routed ``experts_kernel`` mix."""
+  """Plain-T5 params equal to the task-MoE model under ``routes`` {stack: [n, m]} (one-hot or
+  soft): each site's ``kernel`` <- its routed ``experts_kernel`` mix."""
   def walk(p, a, path):
     out = dict(p)
     for key, value in a.items():
@@ -322,11 +324,14 @@ def run_task_moe(ctx: MethodContext) -> List[Method]:
       ctx.progress.line(f"  task MoE stage 1 step {i + 1}/{cfg.task_moe_steps} loss {last:.3f}")
   trainable = jax.device_get(trainable)
   router_vars = {"params": trainable["router"]}
-  if cfg.task_moe_stage2_steps > 0:
-    frozen = task_moe.task_routes(router, router_vars, None, table_j)  # {stack: [6, n, m]}
-    stage2 = {"params": trainable["params"],
+  stage2_ran = cfg.task_moe_stage2_steps > 0
+  if stage2_ran:
+    # Official stage 2: router frozen, every parameter back to the pre-trained model, annealed
+    # soft routes (`task_moe.stage2_step_routes`).
+    frozen = task_moe.stage2_frozen(router, router_vars, mcfg, None, table_j)  # {stack: [6, n, m]}
+    stage2 = {"params": ctx.params,
               "adapters": task_moe.reinit_experts(ctx.params, trainable["adapters"])}
-    tx2 = task_moe.task_moe_optimizer(mcfg)
+    tx2 = task_moe.task_moe_optimizer(mcfg, total_steps=cfg.task_moe_stage2_steps)
     opt2 = tx2.init(stage2)
     step2 = task_moe.make_train_step(model, router, tx2, mcfg, stage=2)
     for i, batch in enumerate(sample_batches(union_batches(ctx), cfg.expert_batch,
@@ -336,7 +341,10 @@ def run_task_moe(ctx: MethodContext) -> List[Method]:
                       f"{float(loss):.3f}")
     trainable = dict(jax.device_get(stage2), router=trainable["router"])
   valid = _valid_batch(ctx)
-  v_routes = task_moe.routes_from_logits(router.apply(router_vars, None, table[valid["task_ids"]]))
+  def eval_routes(logits):  # one-hot after stage 1; stage 2's softmax(logits / 1) after it
+    return (task_moe.stage2_eval_routes(logits, mcfg) if stage2_ran
+            else task_moe.routes_from_logits(logits, "argmax"))
+  v_routes = eval_routes(router.apply(router_vars, None, table[valid["task_ids"]]))
   v_loss_fn = jax.jit(lambda variables, batch, routes: cross_entropy_loss(
       model.apply(variables, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
                   batch["decoder_target_tokens"], enable_dropout=False,
@@ -344,10 +352,11 @@ def run_task_moe(ctx: MethodContext) -> List[Method]:
       batch["decoder_target_tokens"], batch["decoder_loss_weights"])[0])
   vloss = float(v_loss_fn({"params": trainable["params"], "adapters": trainable["adapters"]},
                           {k: v for k, v in valid.items() if k != "task_ids"}, v_routes))
-  ctx.progress.line(f"  task MoE: validation loss {vloss:.3f} (argmax routes)")
+  ctx.progress.line(f"  task MoE: validation loss {vloss:.3f} "
+                    f"({'stage-2 softmax' if stage2_ran else 'argmax'} routes)")
   tasks = list(ctx.experts) + _heldout_tasks()
   logits = router.apply(router_vars, None, jnp.asarray(np.stack([reprs[t] for t in tasks])))
-  routes = task_moe.routes_from_logits(logits, "argmax")
+  routes = eval_routes(logits)
   per_task, chosen = {}, {}
   zero = _zero_lora(ctx)
   for i, task in enumerate(tasks):

@@ -103,6 +103,7 @@ def test_results_have_every_method_with_numeric_heldout_metrics(quick_run):
     assert len(weights) == 6 and min(weights) >= 0 and sum(weights) == pytest.approx(1, abs=1e-3)
   routes = training["Task-level MoE"]["routes"]
   assert set(routes) == set(synthetic.SYNTHETIC_EXPERT_TASKS) | set(tasks)
+  assert training["Task-level MoE"]["stage2_steps"] == demo.quick_config().task_moe_stage2_steps > 0
   # Bookkeeping.
   assert results["seed"] == 3 and results["quick"] is True
   assert results["timings_s"]["total"] > 0 and results["cpu_time_s"] > 0
@@ -262,6 +263,14 @@ def test_task_moe_routed_params_equal_the_routed_model():
   other = dmm._routed_params(ctx.params, adapters, {"encoder": one_hot["encoder"],
                                                      "decoder": np.eye(3, dtype=np.float32)[[0]]})
   assert np.abs(_logits(Transformer(t5), {"params": other}, tokens) - expected).max() > 1e-3
+  # soft routes (stage 2's softmax): the plain model with mixed kernels is the routed model too
+  soft = {"encoder": np.asarray([[0.2, 0.5, 0.3]], np.float32),
+          "decoder": np.asarray([[0.6, 0.1, 0.3]], np.float32)}
+  soft_expected = _logits(model, {"params": ctx.params, "adapters": adapters}, tokens,
+                          layer_routes={k: np.repeat(v[None], 3, 0) for k, v in soft.items()})
+  soft_params = dmm._routed_params(ctx.params, adapters, soft)
+  np.testing.assert_allclose(_logits(Transformer(t5), {"params": soft_params}, tokens),
+                             soft_expected, rtol=1e-4, atol=1e-4)
 
 
 def test_poly_mu_padded_lora_equals_uniform_routing_and_mean_row_is_used():

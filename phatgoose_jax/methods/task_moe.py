@@ -21,9 +21,23 @@ code (INK-USC/CrossTaskMoE: ``modules/router_v2.py`` ``LinearLayerSpecificRouter
   ``y = u @ (sum_e w_e W_e)``; with one-hot w this is exactly the chosen layer copy. (The official
   code weights whole-layer outputs, which gives the same forward pass with one-hot routes and a
   slightly different router gradient.)
-* two stages: (1) train router + experts jointly; (2) freeze the learned routes (`task_routes`:
-  argmax per task, passed as fixed one-hot routes with `fixed_routes`), re-initialise the experts
-  from the pre-trained kernels (`reinit_experts`) and train again.
+* two stages: (1) train router + experts jointly; (2) as the official stage-2 script
+  (``run_merged_fisher128freeze_1e-5.sh``: ``--router_lr 0 --task_model_lr 0 --router_mode
+  softmax --initial_tau 300 --minimum_tau 1 --anneal_rate 1e-4``, model rebuilt from pre-trained
+  BART by ``build_a_checkpoint2.py``): freeze the router and the task representations
+  (`stage2_frozen`: each task's router logits), start every parameter again from the pre-trained
+  model (`reinit_experts` on the pre-trained ``params``) and train the model with soft routes
+  ``softmax(logits / tau2(step))``, tau2 annealed from 300 (nearly uniform) to 1
+  (``stage2_*`` fields); evaluation after stage 2 uses ``softmax(logits / 1)``
+  (`stage2_eval_routes`, as the official predict at ``minimum_tau``).
+  ``stage2_routes='argmax'`` instead trains and evaluates with the frozen one-hot argmax routes
+  (the paper's description of fixed routes; not what the code ran).
+* deviations (kept because the project's T5 keeps t5x's parameter tree): experts are per-site
+  kernels, so layer norms and the relative-position bias are shared by a layer's copies (the
+  official experts are whole BART layers with their own layer norms), and a soft route mixes the
+  copies' kernels, a weight-space mixture, where the official code mixes the copies' layer
+  outputs (identical for one-hot routes, i.e. stage 1 and argmax evaluation); no gradient
+  accumulation (the official default accumulates 2 batches).
 * ARG (average relative gain) = mean over tasks of (s - b) / b, a fraction (the paper prints it x100
   as a percentage): `average_relative_gain`.
 
@@ -76,6 +90,11 @@ class TaskMoEConfig:
     learning_rate, router_learning_rate, task_embedding_learning_rate: AdamW lrs of the model, the
       router MLPs and the task embeddings (1e-5, 1e-3, 1e-2 in ``train_routing_bart.sh``).
     weight_decay, clip_norm: AdamW decay (0.01) and global-norm clipping (0.1).
+    warmup_ratio: linear warm-up fraction of ``total_steps`` in `task_moe_optimizer` (0.06; the
+      rate then decays linearly to 0, HF ``get_linear_schedule_with_warmup`` as the code).
+    stage2_routes: 'softmax' (the official stage 2, annealed soft routes) or 'argmax'.
+    stage2_initial_tau, stage2_minimum_tau, stage2_anneal_rate: stage-2 softmax temperature
+      ``max(300 exp(-1e-4 step), 1)`` (the official stage-2 script).
     site_pattern: regex (fullmatch) over site names that get experts.
   """
   num_experts: int = 3
@@ -92,6 +111,11 @@ class TaskMoEConfig:
   task_embedding_learning_rate: float = 1e-2
   weight_decay: float = 0.01
   clip_norm: Optional[float] = 0.1
+  warmup_ratio: float = 0.06
+  stage2_routes: str = "softmax"
+  stage2_initial_tau: float = 300.0
+  stage2_minimum_tau: float = 1.0
+  stage2_anneal_rate: float = 1e-4
   site_pattern: str = ALL_SITES
 
   def __post_init__(self):
@@ -105,9 +129,18 @@ class TaskMoEConfig:
     if self.router_activation not in _ACTIVATIONS:
       raise TaskMoEError(f"TaskMoEConfig.router_activation must be one of {sorted(_ACTIVATIONS)}, "
                          f"got {self.router_activation!r}")
-    if not 0 < self.minimum_tau <= self.initial_tau or self.anneal_rate < 0:
-      raise TaskMoEError("TaskMoEConfig: need 0 < minimum_tau <= initial_tau and anneal_rate >= 0, "
-                         f"got {self.minimum_tau!r}, {self.initial_tau!r}, {self.anneal_rate!r}")
+    for prefix in ("", "stage2_"):
+      lo, hi, rate = (getattr(self, prefix + f) for f in ("minimum_tau", "initial_tau",
+                                                          "anneal_rate"))
+      if not 0 < lo <= hi or rate < 0:
+        raise TaskMoEError(f"TaskMoEConfig: need 0 < {prefix}minimum_tau <= {prefix}initial_tau "
+                           f"and {prefix}anneal_rate >= 0, got {lo!r}, {hi!r}, {rate!r}")
+    if self.stage2_routes not in ("softmax", "argmax"):
+      raise TaskMoEError(f"TaskMoEConfig.stage2_routes must be 'softmax' or 'argmax', got "
+                         f"{self.stage2_routes!r}")
+    if not 0 <= self.warmup_ratio < 1:
+      raise TaskMoEError(f"TaskMoEConfig.warmup_ratio must be in [0, 1), got "
+                         f"{self.warmup_ratio!r}")
 
 
 def temperature_schedule(step: Union[int, Array], initial_tau: float = 2.0,
@@ -245,8 +278,42 @@ def task_routes(router: TaskMoERouter, router_variables: Mapping[str, Any],
   return routes_from_logits(logits, "argmax")
 
 
+def task_logits(router: TaskMoERouter, router_variables: Mapping[str, Any],
+                task_ids: Optional[Array] = None, task_repr: Optional[Array] = None) -> dict:
+  """Frozen router logits per task, {stack: [T, n, m]} float32 (row t = task t)."""
+  return {k: jnp.asarray(v, jnp.float32)
+          for k, v in router.apply(router_variables, task_ids, task_repr).items()}
+
+
+def stage2_frozen(router: TaskMoERouter, router_variables: Mapping[str, Any], cfg: TaskMoEConfig,
+                  task_ids: Optional[Array] = None, task_repr: Optional[Array] = None) -> dict:
+  """What stage 2 keeps fixed per task: logits ('softmax') or one-hot routes ('argmax')."""
+  logits = task_logits(router, router_variables, task_ids, task_repr)
+  return logits if cfg.stage2_routes == "softmax" else routes_from_logits(logits, "argmax")
+
+
+def stage2_step_routes(frozen: Mapping[str, Array], task_ids: Array, step: Union[int, Array],
+                       cfg: TaskMoEConfig) -> dict:
+  """Stage-2 training routes of a batch, {stack: [B, n, m]}: ``softmax(logits / tau2(step))``
+  with tau2 = ``temperature_schedule(step, stage2_initial_tau, stage2_minimum_tau,
+  stage2_anneal_rate)``, or the frozen one-hot routes for ``stage2_routes='argmax'``."""
+  rows = fixed_routes(frozen, task_ids)  # [B, n, m] logits or one-hot routes
+  if cfg.stage2_routes == "argmax":
+    return rows
+  tau2 = temperature_schedule(step, cfg.stage2_initial_tau, cfg.stage2_minimum_tau,
+                              cfg.stage2_anneal_rate)
+  return routes_from_logits(rows, "softmax", tau2)
+
+
+def stage2_eval_routes(logits: Mapping[str, Array], cfg: TaskMoEConfig) -> dict:
+  """Routes after stage 2: ``softmax(logits / stage2_minimum_tau)`` or one-hot argmax."""
+  if cfg.stage2_routes == "softmax":
+    return routes_from_logits(logits, "softmax", cfg.stage2_minimum_tau)
+  return routes_from_logits(logits, "argmax")
+
+
 def fixed_routes(frozen: Mapping[str, Array], task_ids: Array) -> dict:
-  """Gathers frozen per-task routes {stack: [T, n, m]} for a batch's task ids [B]."""
+  """Gathers frozen per-task rows {stack: [T, n, m]} (routes or logits) for task ids [B]."""
   ids = jnp.asarray(task_ids, jnp.int32)
   return {k: jnp.take(jnp.asarray(v), ids, axis=0) for k, v in frozen.items()}
 
@@ -308,19 +375,52 @@ def average_relative_gain(scores: Union[Mapping[str, float], Sequence[float]],
 # Training: one jitted step per stage.
 
 
-def task_moe_optimizer(cfg: TaskMoEConfig) -> optax.GradientTransformation:
-  """Clip (``clip_norm``) then AdamW with per-group lrs over {'params', 'adapters', 'router'}."""
+def task_moe_optimizer(cfg: TaskMoEConfig,
+                       total_steps: Optional[int] = None) -> optax.GradientTransformation:
+  """Clip (``clip_norm``) then AdamW with per-group lrs over {'params', 'adapters', 'router'}.
+
+  As the official ``get_optimizer_and_scheduler``: one AdamW (eps 1e-8, ``weight_decay``) with the
+  model, router and task-embedding learning rates, global-norm clipping, and with ``total_steps``
+  a linear warm-up over ``warmup_ratio * total_steps`` followed by a linear decay to 0 (None:
+  constant rates). The base ``kernel`` of an expert site is not used by the forward pass (its
+  ``experts_kernel`` copies are); it gets no update at all, so decoupled weight decay does not
+  shrink it away from the pre-trained value.
+  """
+  if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(
+      total_steps, int) or total_steps < 1):
+    raise TaskMoEError(f"task_moe_optimizer: total_steps must be None or a positive int, got "
+                       f"{total_steps!r}")
+
+  def schedule(peak: float):
+    if total_steps is None:
+      return peak
+    warm = int(total_steps * cfg.warmup_ratio)
+    decay = optax.linear_schedule(peak, 0.0, max(total_steps - warm, 1))
+    if warm == 0:
+      return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warm), decay], [warm])
+
   def label(tree):
+    expert_sites = set()
+    for path, _ in jax.tree_util.tree_flatten_with_path(tree.get(ADAPTERS, {}))[0]:
+      keys = tuple(str(getattr(k, "key", k)) for k in path)
+      if keys[-1] == "experts_kernel":
+        expert_sites.add(keys[:-1])
+
     def leaf_label(path, _):
-      keys = [str(getattr(k, "key", k)) for k in path]
+      keys = tuple(str(getattr(k, "key", k)) for k in path)
       if keys[0] == "router":
         return "task_embedding" if "task_embedding" in keys else "router"
+      if keys[0] == "params" and keys[-1] == "kernel" and keys[1:-1] in expert_sites:
+        return "unused"
       return "model"
     return jax.tree_util.tree_map_with_path(leaf_label, tree)
-  adamw = lambda lr: optax.adamw(lr, eps=1e-8, weight_decay=cfg.weight_decay)
+
+  adamw = lambda lr: optax.adamw(schedule(lr), eps=1e-8, weight_decay=cfg.weight_decay)
   tx = optax.multi_transform({"model": adamw(cfg.learning_rate),
                               "router": adamw(cfg.router_learning_rate),
-                              "task_embedding": adamw(cfg.task_embedding_learning_rate)}, label)
+                              "task_embedding": adamw(cfg.task_embedding_learning_rate),
+                              "unused": optax.set_to_zero()}, label)
   return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx) if cfg.clip_norm else tx
 
 
@@ -330,7 +430,9 @@ def make_train_step(model: nn.Module, router: TaskMoERouter, tx: optax.GradientT
 
   Stage 1: ``trainable = {'params', 'adapters', 'router'}`` (router variables' 'params'); routes are
   straight-through Gumbel samples at ``temperature_schedule(step)``. Stage 2: ``trainable =
-  {'params', 'adapters'}``, ``frozen = task_routes(...)`` (fixed one-hot routes per task id).
+  {'params', 'adapters'}`` (router frozen), ``frozen = stage2_frozen(...)``: routes are
+  ``softmax(logits[task] / tau2(step))`` with the ``stage2_*`` temperature schedule, or the
+  fixed one-hot argmax routes with ``stage2_routes='argmax'``.
   ``batch`` holds the feature-converter arrays plus ``task_ids`` [B] (and ``task_repr`` [B, d] for
   ``task_repr='input'``).
   """
@@ -345,7 +447,7 @@ def make_train_step(model: nn.Module, router: TaskMoERouter, tx: optax.GradientT
       tau = temperature_schedule(step, cfg.initial_tau, cfg.minimum_tau, cfg.anneal_rate)
       routes = routes_from_logits(logits, "gumbel_st", tau, r_rng)
     else:
-      routes = fixed_routes(frozen, batch["task_ids"])
+      routes = stage2_step_routes(frozen, batch["task_ids"], step, cfg)
     out = model.apply({"params": trainable["params"], ADAPTERS: trainable[ADAPTERS]},
                       batch["encoder_input_tokens"], batch["decoder_input_tokens"],
                       batch["decoder_target_tokens"], enable_dropout=True,

@@ -1,5 +1,6 @@
 """Task-level MoE: m=1 equals the dense T5, expert selection, straight-through Gumbel, temperature
 schedule, frozen routes and expert re-initialisation, both training stages, ARG, gin file."""
+import dataclasses
 import math
 import pathlib
 
@@ -168,21 +169,61 @@ def test_two_stage_training(moe3):
   assert np.isfinite(loss)
   changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), new["router"], trainable["router"])
   assert changed["hidden"]["kernel"] and changed["out_kernel"]
-  # Stage 2: frozen argmax routes, experts re-initialised from the base kernels, router untouched.
-  frozen = tm.task_routes(router, {"params": new["router"]}, jnp.arange(4))
+  # Stage 2 ('argmax'): frozen one-hot routes, experts re-initialised from the base kernels.
+  cfg_a = dataclasses.replace(cfg, stage2_routes="argmax")
+  frozen = tm.stage2_frozen(router, {"params": new["router"]}, cfg_a, jnp.arange(4))
+  np.testing.assert_array_equal(frozen["encoder"],
+                                tm.task_routes(router, {"params": new["router"]}, jnp.arange(4))[
+                                    "encoder"])
   trainable2 = {"params": v["params"], "adapters": tm.reinit_experts(v["params"], new["adapters"])}
-  tx2 = tm.task_moe_optimizer(cfg)
-  step2 = tm.make_train_step(model, router, tx2, cfg, stage=2)
-  new2, _, loss2 = step2(trainable2, tx2.init(trainable2), frozen, batch, 0,
-                         jax.random.PRNGKey(3))
-  assert np.isfinite(loss2)
-  # Only experts selected by the frozen routes of tasks 1, 2 get updates at encoder layer 0.
+  moved = {}
+  for mode, c, fz in (("argmax", cfg_a, frozen),
+                      ("softmax", cfg, tm.stage2_frozen(router, {"params": new["router"]}, cfg,
+                                                        jnp.arange(4)))):
+    tx2 = tm.task_moe_optimizer(c)
+    step2 = tm.make_train_step(model, router, tx2, c, stage=2)
+    new2, _, loss2 = step2(trainable2, tx2.init(trainable2), fz, batch, 0, jax.random.PRNGKey(3))
+    assert np.isfinite(loss2)
+    ek_old = trainable2["adapters"]["encoder"]["layers_0"]["mlp"]["wo"]["experts_kernel"]
+    ek_new = new2["adapters"]["encoder"]["layers_0"]["mlp"]["wo"]["experts_kernel"]
+    moved[mode] = {e for e in range(3) if not np.allclose(ek_old[e], ek_new[e])}
+    # the base kernel of an expert site is unused: no update, not even weight decay
+    np.testing.assert_array_equal(new2["params"]["encoder"]["layers_0"]["mlp"]["wo"]["kernel"],
+                                  trainable2["params"]["encoder"]["layers_0"]["mlp"]["wo"]["kernel"])
+  # argmax: only the experts the frozen routes of tasks 1, 2 select at encoder layer 0 move;
+  # softmax at tau2(0) = 300: every copy gets a share of the gradient.
   used = set(np.argmax(np.asarray(frozen["encoder"])[[1, 2], 0], -1).tolist())
-  ek_old = trainable2["adapters"]["encoder"]["layers_0"]["mlp"]["wo"]["experts_kernel"]
-  ek_new = new2["adapters"]["encoder"]["layers_0"]["mlp"]["wo"]["experts_kernel"]
-  for e in range(3):
-    moved = not np.allclose(ek_old[e], ek_new[e])
-    assert moved == (e in used), (e, used)
+  assert moved["argmax"] == used and moved["softmax"] == {0, 1, 2}, moved
+
+
+def test_stage2_routes_anneal_from_uniform_to_softmax_at_tau_1():
+  cfg = tm.TaskMoEConfig(num_experts=3)
+  logits = {"encoder": jnp.asarray([[[2.0, 0.0, -1.0]], [[0.0, 3.0, 0.5]]])}  # [T=2, n=1, m=3]
+  ids = jnp.asarray([1, 0, 1])
+  for step, tau in ((0, 300.0), (10_000, 300.0 * math.exp(-1.0)), (10**6, 1.0)):
+    got = tm.stage2_step_routes(logits, ids, step, cfg)["encoder"]
+    want = jax.nn.softmax(logits["encoder"][ids] / tau, -1)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+  np.testing.assert_allclose(tm.stage2_eval_routes(logits, cfg)["encoder"],
+                             jax.nn.softmax(logits["encoder"], -1), rtol=1e-6)
+  hard = tm.stage2_eval_routes(logits, dataclasses.replace(cfg, stage2_routes="argmax"))
+  np.testing.assert_array_equal(np.argmax(hard["encoder"], -1), [[0], [1]])
+
+
+def test_optimizer_schedule_is_linear_warmup_then_decay():
+  cfg = tm.TaskMoEConfig(learning_rate=1.0, clip_norm=None, weight_decay=0.0, warmup_ratio=0.1)
+  tree = {"params": {"x": jnp.zeros(())}, "adapters": {}, "router": {}}
+  tx = tm.task_moe_optimizer(cfg, total_steps=100)
+  state = tx.init(tree)
+  sizes = []
+  for _ in range(100):
+    upd, state = tx.update({"params": {"x": jnp.ones(())}, "adapters": {}, "router": {}}, state,
+                           tree)
+    sizes.append(-float(upd["params"]["x"]))  # Adam on a constant gradient: |update| = lr
+  np.testing.assert_allclose(sizes[:11], np.arange(11) / 10, atol=1e-4)  # warm-up over 10 steps
+  np.testing.assert_allclose(sizes[10:], (100 - np.arange(10, 100)) / 90, atol=1e-4)
+  with pytest.raises(tm.TaskMoEError, match="total_steps"):
+    tm.task_moe_optimizer(cfg, total_steps=0)
 
 
 def test_gin_file_builds():
