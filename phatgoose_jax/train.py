@@ -65,6 +65,24 @@ def _load_expert_into(adapters: Mapping[str, Any], expert_path: str) -> tuple:
   return state_lib.unflatten(flat), meta
 
 
+def _check_expert_matches(meta: Mapping[str, Any], expert_path: str,
+                          acfg: adapters_lib.AdapterConfig, fingerprint: str) -> None:
+  """Gate training must use the expert's own rank, LoRA scale and base model."""
+  scale = acfg.scale if acfg.scale is not None else 1.0 / acfg.rank
+  checks = (("rank", meta.get("rank"), acfg.rank, "LORA_RANK / AdapterConfig.rank"),
+            ("scale", meta.get("scale"), scale, "AdapterConfig.scale"),
+            ("base_fingerprint", meta.get("base_fingerprint"), fingerprint,
+             "INITIAL_CHECKPOINT_PATH"))
+  for field, theirs, ours, flag in checks:
+    if theirs is None:
+      continue  # an export without the field (e.g. imported weights): nothing to compare
+    same = (np.isclose(float(theirs), float(ours), rtol=1e-6, atol=0.0) if field == "scale"
+            else theirs == ours)
+    if not same:
+      raise ValueError(f"expert_path {expert_path}: the expert's {field} is {theirs!r}, this "
+                       f"gate run has {ours!r}; set {flag} to the expert's")
+
+
 def _check_arguments(task_feature_lengths: Any, batch_size: Any, train_steps: Any,
                      learning_rate: Any, checkpoint_every: Any) -> None:
   """Refuses bad TASK_FEATURE_LENGTHS / BATCH_SIZE / TRAIN_STEPS / LEARNING_RATE up front."""
@@ -99,6 +117,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
           vocabulary: Any = None, register_synthetic: bool = False,
           learning_rate: float = 5e-3, num_microbatches: int = 1,
           eval_split: Optional[str] = "validation", eval_every: Optional[int] = 100,
+          validate_at_start: bool = True,
           checkpoint_every: Optional[int] = 100, log_every: int = 10,
           best_metric: Optional[str] = None, best_mode: Optional[str] = None,
           validation: str = "token", validation_examples: Optional[int] = None,
@@ -116,6 +135,9 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
     learning_rate: peak lr (the rest of the optimiser: gin ``adamw_optimizer.*``).
     num_microbatches: gradient accumulation (BATCH_SIZE is the effective batch).
     eval_split: validation split (None: no validation; the final adapters are exported).
+    validate_at_start: validate step 0 too (the expert recipe; `Trainer.fit`). Gate runs
+      (runs/train_gate.gin) set it False and validate at the last step only, as the official
+      ``train_gate.sh``, so the exported gate is the trained one, never the zero init.
     validation: how the best step is chosen. ``'token'``: teacher-forced token loss/accuracy on
       ``eval_split`` (default best_metric ``'loss'``, ``'min'``). ``'task'``: the task's own
       seqio metric fns on ``eval_split`` (rank-classification accuracy, exact match, ...),
@@ -171,6 +193,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
   expert_meta = {}
   if mode == "gated_lora":
     adapter_vars, expert_meta = _load_expert_into(adapter_vars, expert_path)
+    _check_expert_matches(expert_meta, expert_path, acfg, fingerprint)
   variables = {"params": params, "params_axes": shapes["params_axes"],
                "adapters": adapter_vars, "adapters_axes": shapes["adapters_axes"]}
   mask = adapters_lib.trainable_mask(adapter_vars, "lora" if mode == "lora" else "gate")
@@ -226,6 +249,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
                      eval_iter_fn=eval_iter_fn, eval_fn=eval_fn, eval_every=eval_every,
                      checkpoint_every=checkpoint_every, log_every=log_every,
                      best_metric=best_metric, best_mode=best_mode, best_ties=best_ties,
+                     validate_at_start=validate_at_start,
                      base_fingerprint=fingerprint,
                      export_metadata=export_meta)
 

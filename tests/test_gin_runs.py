@@ -81,3 +81,27 @@ def test_entry_point_exits_2_with_one_line_and_no_traceback(tmp_path):
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert lines[-1].startswith("error:") and "MODEL_DIR" in lines[-1]
   assert "Traceback" not in proc.stderr
+
+
+def test_gate_run_refuses_an_expert_of_another_rank_scale_or_base():
+  from phatgoose_jax import adapters as ad  # pylint: disable=g-import-not-at-top
+  from phatgoose_jax import train as train_mod  # pylint: disable=g-import-not-at-top
+  acfg = ad.AdapterConfig(rank=4)
+  meta = {"rank": 4, "scale": 0.25, "base_fingerprint": "sha256:a"}
+  train_mod._check_expert_matches(meta, "/e", acfg, "sha256:a")  # pylint: disable=protected-access
+  train_mod._check_expert_matches({}, "/e", acfg, "sha256:b")  # fields absent: nothing to compare
+  for field, value, flag in (("rank", 8, "LORA_RANK"), ("scale", 0.5, "AdapterConfig.scale"),
+                             ("base_fingerprint", "sha256:z", "INITIAL_CHECKPOINT_PATH")):
+    with pytest.raises(ValueError, match=f"expert's {field}.*{flag}"):
+      train_mod._check_expert_matches(dict(meta, **{field: value}), "/e", acfg, "sha256:a")  # pylint: disable=protected-access
+
+
+def test_gate_gin_validates_only_at_the_end_and_expert_gin_uses_the_official_batch():
+  gin.clear_config()
+  try:
+    gin_utils.parse_gin(["runs/train_gate.gin"], REQUIRED + ["EXPERT_PATH='/e'"], finalize=False)
+    assert gin.query_parameter("phatgoose_jax.train.train.validate_at_start") is False
+    assert gin.query_parameter("phatgoose_jax.train.train.eval_every") is None
+    assert gin.query_parameter("%BATCH_SIZE") == 1024
+  finally:
+    gin.clear_config()

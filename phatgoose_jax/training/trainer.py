@@ -19,7 +19,8 @@ Step semantics (one call of the jitted step = one optimiser update):
     returned unchanged and `fit` stops with `NonFiniteError` (the last checkpoint stays good).
 
 `fit` adds Orbax checkpoints and resume (`state.Checkpointer`), validation with best selection
-(step 0 included, as the official recipe evaluates before training), export of the best adapters,
+(step 0 included unless ``validate_at_start=False``, as the official expert recipe evaluates
+before training and its gate recipe does not), export of the best adapters,
 logs (`logging.MetricsLogger`) and SIGTERM/SIGINT handling (save, then return ``interrupted``).
 
 Letters: B batch, M microbatches, L encoder length, T target length, V vocab.
@@ -307,7 +308,7 @@ class Trainer:
           model_dir: str, eval_iter_fn: Optional[Callable[[], Iterable[Batch]]] = None,
           eval_every: Optional[int] = None, checkpoint_every: Optional[int] = None,
           log_every: int = 10, best_metric: str = "loss", best_mode: str = "min",
-          best_ties: str = "first",
+          best_ties: str = "first", validate_at_start: bool = True,
           eval_fn: Optional[Callable[[Dict[str, Any]], Dict[str, float]]] = None,
           base_fingerprint: Optional[str] = None,
           export_metadata: Optional[Mapping[str, Any]] = None, export: bool = True,
@@ -330,6 +331,8 @@ class Trainer:
       checkpoint_every: save every this many steps (plus the last step).
       log_every: train-metrics logging period.
       best_metric / best_mode: which validation metric selects the best step ('min' or 'max').
+      validate_at_start: also validate (and possibly select) step 0, before any update (the
+        official expert recipe evaluates first; its gate recipe does not).
       best_ties: 'first' keeps the earlier best on an equal metric; 'last' moves to the later
         step (the official PHATGOOSE Evaluator's ``>=``, see `training.task_validation`).
       eval_fn: custom validation (e.g. seqio rank classification): state -> metrics; used
@@ -412,7 +415,7 @@ class Trainer:
     last_saved = latest
     last_metrics = None
     try:
-      if validate is not None and step == 0 and best is None:
+      if validate is not None and validate_at_start and step == 0 and best is None:
         run_validation()
       window_tokens, window_start = 0.0, time.time()
       while step < steps and stop["signal"] is None:

@@ -98,6 +98,26 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(lora_setup, tmp_pa
   ckpt.close()
 
 
+def test_gate_recipe_validates_only_the_last_step_so_step_0_is_never_exported(tmp_path):
+  """runs/train_gate.gin: validate_at_start=False and eval_every=None, as the official
+  train_gate.sh (no evaluation before training, one at the end). A metric that favours the
+  untrained step 0 cannot select the zero-initialised gate."""
+  _, model, variables = F.make_model("gated_lora")
+  trainer = F.make_trainer(model, variables, "gate")
+  evals = []
+
+  def eval_fn(state):
+    evals.append(int(state["step"]))
+    return {"loss": 0.0 if int(state["step"]) == 0 else 1.0}
+  result = trainer.fit(trainer.create_state(variables), F.batches(), steps=4,
+                       model_dir=str(tmp_path), eval_every=None, validate_at_start=False,
+                       eval_fn=eval_fn, progress=False, handle_signals=False)
+  assert evals == [4] and result.best["step"] == 4
+  adapters, meta = load_exported_adapters(str(tmp_path))
+  gates = [v for k, v in state_lib.flatten(adapters).items() if k.endswith("/gate")]
+  assert meta["step"] == 4 and gates and all(np.abs(g).sum() > 0 for g in gates)
+
+
 def test_fit_validates_at_step_zero_selects_best_and_exports(lora_setup, tmp_path):
   _, variables, trainer = lora_setup
   evals = []
