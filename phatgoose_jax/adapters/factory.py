@@ -16,6 +16,7 @@ attentions, wi_0, wi_1, wo of all FFNs, encoder and decoder) with rank-16 LoRA; 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any, Mapping, Optional
 
@@ -90,10 +91,14 @@ class AdapterConfig:
       value = getattr(self, field)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"AdapterConfig.{field} must be a positive int, got {value!r}")
-    if not (isinstance(self.init_std, (int, float)) and self.init_std >= 0):
-      raise ValueError(f"AdapterConfig.init_std must be >= 0, got {self.init_std!r}")
-    if self.scale is not None and not isinstance(self.scale, (int, float)):
-      raise ValueError(f"AdapterConfig.scale must be a float or None, got {self.scale!r}")
+    if (isinstance(self.init_std, bool) or not isinstance(self.init_std, (int, float))
+        or not math.isfinite(self.init_std) or self.init_std < 0):
+      raise ValueError(f"AdapterConfig.init_std must be a finite number >= 0, got "
+                       f"{self.init_std!r}")
+    if self.scale is not None and (isinstance(self.scale, bool)
+                                   or not isinstance(self.scale, (int, float))
+                                   or not math.isfinite(self.scale)):
+      raise ValueError(f"AdapterConfig.scale must be a finite number or None, got {self.scale!r}")
     if self.router not in ROUTERS:
       raise ValueError(f"AdapterConfig.router must be one of {ROUTERS}, got {self.router!r}")
     if self.backend not in rt.BACKENDS:

@@ -138,6 +138,9 @@ class RoutedLoraSite(DenseSite):
   def route(self, x: Array, gates: Array, site_inputs: Mapping[str, Any]) -> rt.Routing:
     """The routing of every token of ``x`` [B, ..., D] (float32 weights, [B, ..., K])."""
     num = gates.shape[0]
+    if self.router in TOP_K_ROUTERS and self.top_k > num:
+      raise ValueError(f"site {self.site!r}: AdapterConfig.top_k={self.top_k} exceeds the "
+                       f"{num} experts of the library at this site")
     if self.router in ("phatgoose", "average_activation"):
       return rt.phatgoose_route(x, gates, self.top_k)
     if self.router == "arrow":

@@ -354,8 +354,8 @@ class ExpertLibrary:
                   provenance: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """Stores (or replaces) per-site vectors of ``kind`` for an existing expert.
 
-    E.g. kind='gate' after PHATGOOSE gate training, 'prototype_average_activation' or
-    'prototype_arrow'. The entry is rewritten atomically with its LoRA bytes unchanged.
+    E.g. kind='gate' after PHATGOOSE gate training, 'average_activation' or 'arrow' (the kinds
+    `methods.average_activation` and `methods.arrow` store). The entry is rewritten atomically with its LoRA bytes unchanged.
     """
     fmt.validate_kind(kind)
     self._reload()
@@ -469,9 +469,11 @@ class ExpertLibrary:
     Args:
       names: experts in E order (default: all, in library order).
       vectors: the per-site router vectors to put under 'gates' ('gate' for PHATGOOSE,
-        'prototype_*' for Average Activation / Arrow), or None to omit 'gates'.
+        'average_activation' / 'arrow' for those baselines), or None to omit 'gates'.
       dtype: cast lora_a, lora_b and gates to this dtype (default: the stored dtypes, promoted);
-        'scale' is always float32.
+        'scale' is always float32. The router computes in float32 whatever this dtype, but
+        gates cast to bfloat16 here are rounded before it sees them; keep the default for
+        routing-exact results.
       sites: subset of sites (default: the library's sites).
       mesh, expert_axis: if ``mesh`` is given, place arrays with `place_stacked`.
 

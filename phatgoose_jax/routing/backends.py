@@ -325,7 +325,7 @@ def routed_lora(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array, routing: Rou
     raise RoutingError(f"routed_lora: x last dim {x.shape[-1:]} must equal lora_a D={dim_in}")
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise RoutingError(f"routed_lora: x must be floating point, got dtype {x.dtype}")
-  check_routing(routing, x.shape[:-1], "routed_lora: routing")
+  check_routing(routing, x.shape[:-1], "routed_lora: routing", num_experts=num_experts)
   allowed = (sum(_OPTIONS.values(), ()) if backend == "auto" else _OPTIONS.get(backend, ()))
   unknown = sorted(set(backend_kwargs) - set(allowed))
   if unknown:

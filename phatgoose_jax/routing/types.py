@@ -42,13 +42,16 @@ class Routing(NamedTuple):
 
 
 def check_routing(routing: Routing, batch_shape: Sequence[int] | None = None,
-                  where: str = "routing") -> None:
-  """Validates shapes and dtypes of a ``Routing`` (static checks only).
+                  where: str = "routing", num_experts: int | None = None) -> None:
+  """Validates shapes and dtypes of a ``Routing``, and concrete indices against ``num_experts``.
 
   Args:
     routing: the record to check.
     batch_shape: expected leading dims ``[...]`` (e.g. ``x.shape[:-1]``), or None to skip.
     where: name used in error messages.
+    num_experts: E; concrete (not traced) indices outside ``[0, E)`` are refused (the backends
+      would otherwise disagree: some add nothing, some NaN, some wrap -1 to the last expert).
+      Traced indices cannot be checked here.
 
   Raises:
     RoutingError: with a message naming ``where.indices`` / ``where.weights``.
@@ -70,6 +73,12 @@ def check_routing(routing: Routing, batch_shape: Sequence[int] | None = None,
     raise RoutingError(
         f"{where}.indices leading dims {tuple(idx.shape[:-1])} must equal the token dims "
         f"{tuple(batch_shape)} of x")
+  if num_experts is not None and not isinstance(idx, jax.core.Tracer) and idx.size:
+    host = np.asarray(idx)  # concrete: plain numpy, so no tracing inside an outer jit
+    lo, hi = int(host.min()), int(host.max())
+    if lo < 0 or hi >= num_experts:
+      raise RoutingError(f"{where}.indices must be in [0, num_experts={num_experts}), got values "
+                         f"in [{lo}, {hi}]")
 
 
 def check_top_k(top_k: int, num_experts: int, where: str = "top_k") -> int:

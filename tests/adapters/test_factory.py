@@ -135,6 +135,9 @@ def test_routed_and_gated_trees():
     (dict(backend="fast"), "backend"),
     (dict(mode="routed", num_experts=2, top_k=3), "top_k"),
     (dict(arrow_temperature=0.0), "arrow_temperature"),
+    (dict(scale=float("nan")), "scale"),
+    (dict(scale=True), "scale"),
+    (dict(init_std=True), "init_std"),
 ])
 def test_bad_config_raises(kwargs, field):
   with pytest.raises(ValueError, match=field):

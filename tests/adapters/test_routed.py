@@ -236,3 +236,11 @@ def test_collect_site_input_means(lora):
                              rtol=1e-6)
   with pytest.raises(ValueError, match="encoder_token_mask"):
     means({"encoder_token_mask": enc_mask[:, :3]})
+
+
+def test_top_k_above_the_loaded_library_names_the_site_and_field(lora):
+  model_lora, params, experts = lora
+  model = _routed_model(num_experts=3, top_k=3, router="phatgoose")
+  variables = {"params": params, "adapters": _stack(experts[:2], seed=4)}  # only 2 experts loaded
+  with pytest.raises(ValueError, match=r"site '.*': AdapterConfig.top_k=3 exceeds the 2 experts"):
+    _logits(model, variables)

@@ -187,6 +187,11 @@ def test_bad_inputs_raise_clear_errors():
     rt.routed_lora(x, a, b, r, 1.0, backend="chunked_gather", block_rows=4)
   with pytest.raises(rt.RoutingError, match="chunk_size"):
     rt.routed_lora(x, a, b, r, 1.0, backend="auto", chunk_size=4)
+  for bad in (E, -1):  # out of range: the backends would disagree (nothing / NaN / wrap)
+    idx = r.indices.at[0, 0].set(bad)
+    for backend in ("oracle", "gather", "dense"):
+      with pytest.raises(rt.RoutingError, match=rf"indices must be in \[0, num_experts={E}\)"):
+        rt.routed_lora(x, a, b, rt.Routing(idx, r.weights), 1.0, backend=backend)
   assert set(bk.BACKENDS) == {"auto", "oracle", "dense", "gather", "sorted", "chunked_gather",
                               "cpu_kernel"}
 
