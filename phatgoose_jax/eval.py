@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import gin
 
@@ -97,6 +97,18 @@ def _routing_report(model_config: T5Config, adapter_config: AdapterConfig, varia
   return stats
 
 
+# The number a report shows per task: accuracy where there is one, ROUGE-L for ROUGE tasks (the
+# only ROUGE type PHATGOOSE reports, official src/data/metrics.py), else the first by name.
+_HEADLINE_ORDER = ("accuracy", "rougeL", "rougeLsum")
+
+
+def _headline_metric(numeric: Mapping[str, float]) -> str:
+  for key in _HEADLINE_ORDER:
+    if key in numeric:
+      return key
+  return sorted(numeric)[0]
+
+
 @gin.configurable(module="phatgoose_jax.eval")
 def evaluate(mixture_or_task_name: str = gin.REQUIRED,
              task_feature_lengths: dict = gin.REQUIRED,
@@ -164,7 +176,7 @@ def evaluate(mixture_or_task_name: str = gin.REQUIRED,
     numeric = {k: v for k, v in values.items() if isinstance(v, float)}
     if not numeric:
       continue
-    key = "accuracy" if "accuracy" in numeric else sorted(numeric)[0]
+    key = _headline_metric(numeric)
     rows.append({"method": method_name, "task": task, "score": numeric[key], "metric": key,
                  "metrics": numeric})
   stats = None

@@ -152,7 +152,10 @@ def run_seqio_evaluation(mixture_or_task_name: str, model: nn.Module,
     task_feature_lengths: {'inputs': L, 'targets': T}; None measures the data.
     split: eval split.
     batch_size: rows per call.
-    num_examples: optional cap per task (first rows).
+    num_examples: optional cap per task: its first ``num_examples`` EXAMPLES, whole. A
+      rank-classification example is several rows (one per choice, ``idx`` = [example, choice]);
+      seqio's own ``num_examples`` cuts rows, which could score an example on part of its
+      choices, so each task gets the row count that covers its first examples exactly.
     length_normalize: score convention for score metrics.
     site_inputs_fn: per-batch ``site_inputs`` (see `make_score_fn`).
     max_decode_length: decoding steps (default: the targets length).
@@ -165,29 +168,59 @@ def run_seqio_evaluation(mixture_or_task_name: str, model: nn.Module,
   import seqio  # pylint: disable=g-import-not-at-top
   from phatgoose_jax.data import registry  # pylint: disable=g-import-not-at-top
   _check_batch_size(batch_size, "run_seqio_evaluation")
-  registry.get_task_or_mixture(mixture_or_task_name)  # one-line error for unknown names
-  evaluator = seqio.Evaluator(
-      mixture_or_task_name=mixture_or_task_name,
-      feature_converter=seqio.EncDecFeatureConverter(pack=False),
-      eval_split=split, sequence_length=dict(task_feature_lengths) if task_feature_lengths else None,
-      num_examples=num_examples, use_memory_cache=True, async_compute_metrics=False)
-  try:
-    if not evaluator.eval_tasks:
-      raise EvaluationError(f"{mixture_or_task_name!r} has no task with split {split!r} and "
-                            "metric fns")
-    common = dict(batch_size=batch_size, site_inputs_fn=site_inputs_fn)
-    metrics, outputs = evaluator.evaluate(
-        compute_metrics=True,
-        predict_fn=make_predict_fn(model, variables, max_decode_length=max_decode_length,
-                                   **common),
-        predict_with_aux_fn=make_predict_fn(model, variables, max_decode_length=max_decode_length,
-                                            with_aux=True, **common),
-        score_fn=make_score_fn(model, variables, length_normalize=length_normalize, **common))
-    results = metrics.result()
-  finally:
-    evaluator.close()
+  if num_examples is not None and (isinstance(num_examples, bool)
+                                   or not isinstance(num_examples, int) or num_examples < 1):
+    raise EvaluationError(f"run_seqio_evaluation: num_examples must be a positive int or None, "
+                          f"got {num_examples!r}")
+  provider = registry.get_task_or_mixture(mixture_or_task_name)  # one-line error for unknown names
+  lengths = dict(task_feature_lengths) if task_feature_lengths else None
+  common = dict(batch_size=batch_size, site_inputs_fn=site_inputs_fn)
+  fns = dict(
+      predict_fn=make_predict_fn(model, variables, max_decode_length=max_decode_length, **common),
+      predict_with_aux_fn=make_predict_fn(model, variables, max_decode_length=max_decode_length,
+                                          with_aux=True, **common),
+      score_fn=make_score_fn(model, variables, length_normalize=length_normalize, **common))
+  if num_examples is None:
+    runs = [(mixture_or_task_name, None)]
+  else:
+    tasks = [t for t in seqio.get_subtasks(provider) if split in t.splits and t.metric_fns]
+    runs = [(t.name, _rows_of_first_examples(t, split, lengths, num_examples)) for t in tasks]
+  results: dict = {}
+  outputs: dict = {}
+  for name, rows in runs if runs else [(mixture_or_task_name, None)]:
+    evaluator = seqio.Evaluator(
+        mixture_or_task_name=name, feature_converter=seqio.EncDecFeatureConverter(pack=False),
+        eval_split=split, sequence_length=lengths, num_examples=rows, use_memory_cache=True,
+        async_compute_metrics=False)
+    try:
+      if not evaluator.eval_tasks:
+        raise EvaluationError(f"{mixture_or_task_name!r} has no task with split {split!r} and "
+                              "metric fns")
+      metrics, task_outputs = evaluator.evaluate(compute_metrics=True, **fns)
+      results.update(metrics.result())
+      outputs.update(task_outputs)
+    finally:
+      evaluator.close()
   results = {task: {k: _to_float(v) for k, v in values.items()} for task, values in results.items()}
   return (results, outputs) if return_outputs else results
+
+
+def _rows_of_first_examples(task: Any, split: str, lengths: Optional[Mapping[str, int]],
+                            num_examples: int) -> int:
+  """Rows of ``task``'s preprocessed ``split`` (in seqio's eval order) that make up its first
+  ``num_examples`` examples: rows sharing ``idx[0]`` (rank classification) are one example."""
+  dataset = task.get_dataset(sequence_length=lengths, split=split, shuffle=False, num_epochs=1)
+  rows, examples, previous = 0, 0, None
+  for row in dataset.as_numpy_iterator():
+    idx = row.get("idx")
+    key = (int(np.asarray(idx).reshape(-1)[0]) if idx is not None and np.size(idx) == 2
+           else rows)  # no (example, choice) index: one row is one example
+    if key != previous:
+      if examples == num_examples:
+        break
+      examples, previous = examples + 1, key
+    rows += 1
+  return rows
 
 
 # ------------------------------------------------------------------------------------------------

@@ -54,3 +54,10 @@ def test_unknown_flag_and_no_gin_file(capsys):
   assert "unknown flag '--bogus=1'" in capsys.readouterr().err
   assert eval_lib.main([]) == 2
   assert "no --gin_file" in capsys.readouterr().err
+
+
+def test_headline_metric_is_accuracy_then_rouge_l():
+  from phatgoose_jax import eval as eval_mod  # pylint: disable=g-import-not-at-top
+  assert eval_mod._headline_metric({"rouge1": 0.5, "rouge2": 0.2, "rougeL": 0.4}) == "rougeL"  # pylint: disable=protected-access
+  assert eval_mod._headline_metric({"accuracy": 50.0, "rougeL": 0.4}) == "accuracy"  # pylint: disable=protected-access
+  assert eval_mod._headline_metric({"f1": 1.0, "bleu": 2.0}) == "bleu"  # pylint: disable=protected-access

@@ -53,6 +53,27 @@ def test_seqio_evaluator_metrics_match_in_memory_path(routed, seqio_tasks):
   assert metrics["evaltest_compose3_gen"]["accuracy"] == pytest.approx(local_gen["exact_match"])
 
 
+def test_num_examples_caps_whole_examples_not_rows(routed, seqio_tasks):
+  """3 examples of a 4-choice task are 12 rows (seqio's own cap would cut at 3 rows, inside the
+  first example); a generation task's cap stays 3 rows."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  from phatgoose_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  model, variables = routed
+  name, vocabulary = seqio_tasks
+  metrics, outputs = ev.run_seqio_evaluation(name, model, variables, task_feature_lengths=LENGTHS,
+                                             split="validation", batch_size=4, num_examples=3,
+                                             max_decode_length=6, return_outputs=True)
+  rows = outputs["evaltest_compose2_choice"][seqio.metrics.ModelOutputType.SCORE]
+  assert len(rows) == 4 * 3
+  examples = synthetic.generate_examples("compose2_choice", "validation", SPLITS["validation"])
+  local = ev.evaluate_choices(model, variables, vocabulary, examples[:3],
+                              task_feature_lengths=LENGTHS, batch_size=1)
+  assert metrics["evaltest_compose2_choice"]["accuracy"] == pytest.approx(local["accuracy"])
+  assert len(outputs["evaltest_compose3_gen"][seqio.metrics.ModelOutputType.PREDICTION]) == 3
+  with pytest.raises(ev.EvaluationError, match="num_examples"):
+    ev.run_seqio_evaluation(name, model, variables, num_examples=0)
+
+
 def test_evaluate_choices_counts_correct_labels(routed, sp_processor):
   """Accuracy follows the labels: relabelling every example with its predicted choice gives 100%."""
   model, variables = routed
