@@ -78,6 +78,7 @@ def _library_add(args) -> int:
   else:
     _require_path(args.source, "SOURCE", kind="any")
     tree, meta = state_lib.load_exported_adapters(args.source)
+    state_lib.require_complete_export(meta, args.source)
     lora, gates = lora_from_adapters_tree(tree)
     if not lora:
       raise CliError(f"library add: {args.source} holds no lora_a/lora_b adapters")

@@ -116,4 +116,10 @@ def run_main(main_fn: Callable[[List[str]], int], argv: Optional[Sequence[str]] 
   except ValueError as e:  # Our configuration checks (ValueError subclasses) name the culprit.
     print(f"error: {type(e).__name__}: {one_line(e)}", file=sys.stderr)
     sys.exit(2)
+  except OSError as e:  # a path that cannot be read or written (names the file)
+    print(f"error: {type(e).__name__}: {one_line(e)}", file=sys.stderr)
+    sys.exit(2)
+  except KeyboardInterrupt:  # Ctrl-C before the training loop took over SIGINT
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
   sys.exit(code or 0)

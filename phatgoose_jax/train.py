@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from typing import Any, Mapping, Optional
 
@@ -48,6 +49,7 @@ VALIDATION_DEFAULTS = {"token": ("loss", "min"), "task": ("average_score", "max"
 def _load_expert_into(adapters: Mapping[str, Any], expert_path: str) -> tuple:
   """Overwrites the lora_a / lora_b leaves of ``adapters`` with an exported expert's."""
   loaded, meta = state_lib.load_exported_adapters(expert_path)
+  state_lib.require_complete_export(meta, expert_path)
   flat, src = state_lib.flatten(adapters), state_lib.flatten(loaded)
   extra = sorted(k for k in src if k.rsplit("/", 1)[-1] in ("lora_a", "lora_b") and k not in flat)
   if extra:
@@ -83,6 +85,31 @@ def _check_expert_matches(meta: Mapping[str, Any], expert_path: str,
                        f"gate run has {ours!r}; set {flag} to the expert's")
 
 
+def best_selection(validation: str, best_metric: Optional[str], best_mode: Optional[str]
+                   ) -> tuple:
+  """(metric, mode) that select the best step: the validation's defaults, and for a metric given
+  without a mode, 'min' for losses and 'max' for accuracies and scores."""
+  default_metric, default_mode = VALIDATION_DEFAULTS[validation]
+  if best_mode is None and best_metric not in (None, default_metric):
+    default_mode = "min" if "loss" in best_metric else "max"
+  return best_metric or default_metric, best_mode or default_mode
+
+
+def _check_paths_and_periods(model_dir: Any, initial_checkpoint_path: Any,
+                             **periods: Any) -> None:
+  """Refuses a bad MODEL_DIR / INITIAL_CHECKPOINT_PATH / eval_every / log_every before any work
+  (the base checkpoint can take minutes to load)."""
+  for macro, value in (("MODEL_DIR", model_dir),
+                       ("INITIAL_CHECKPOINT_PATH", initial_checkpoint_path)):
+    if not isinstance(value, str) or not value:
+      raise ValueError(f"{macro} must be a non-empty path string, got {value!r}")
+  if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+    raise ValueError(f"MODEL_DIR {model_dir} exists and is not a directory")
+  for name, value in periods.items():
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+      raise ValueError(f"train.{name} must be a positive int or None, got {value!r}")
+
+
 def _check_arguments(task_feature_lengths: Any, batch_size: Any, train_steps: Any,
                      learning_rate: Any, checkpoint_every: Any) -> None:
   """Refuses bad TASK_FEATURE_LENGTHS / BATCH_SIZE / TRAIN_STEPS / LEARNING_RATE up front."""
@@ -100,7 +127,8 @@ def _check_arguments(task_feature_lengths: Any, batch_size: Any, train_steps: An
       not np.isfinite(learning_rate) or learning_rate <= 0):
     raise ValueError(f"train.learning_rate (LEARNING_RATE) must be a finite positive number, "
                      f"got {learning_rate!r}")
-  if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or
+  if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or
+                                       not isinstance(checkpoint_every, int) or
                                        checkpoint_every < 1):
     raise ValueError(f"train.checkpoint_every must be a positive int or None, got "
                      f"{checkpoint_every!r}")
@@ -145,7 +173,8 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
       ``'average_score'``, ``'max'``, ties to the later step; `training.task_validation`).
     validation_examples: first rows of each task scored by ``validation='task'`` (None: all).
     eval_batch_size: rows per call of ``validation='task'`` (default: the per-host batch).
-    best_metric / best_mode: override the validation's defaults (see ``validation``).
+    best_metric / best_mode: override the validation's defaults (see ``validation``); a metric
+      given without a mode is minimised if its name contains 'loss', else maximised.
     base_dtype: store the frozen base in this dtype (e.g. 'bfloat16', as the official recipe).
     dropout_rate: overrides the config's dropout.
     data_stats_examples: how many training examples `pipeline.data_statistics` reads to count
@@ -156,13 +185,13 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
     raise ValueError(f"train.mode must be one of {MODES}, got {mode!r}")
   if validation not in VALIDATIONS:
     raise ValueError(f"train.validation must be one of {VALIDATIONS}, got {validation!r}")
-  default_metric, default_mode = VALIDATION_DEFAULTS[validation]
-  best_metric = best_metric or default_metric
-  best_mode = best_mode or default_mode
+  best_metric, best_mode = best_selection(validation, best_metric, best_mode)
   if mode == "gated_lora" and not expert_path:
     raise ValueError("train.expert_path is required for gate training (mode='gated_lora')")
   _check_arguments(task_feature_lengths, batch_size, train_steps, learning_rate,
                    checkpoint_every)
+  _check_paths_and_periods(model_dir, initial_checkpoint_path, eval_every=eval_every,
+                           log_every=log_every)
   if batch_size % jax.process_count():
     raise ValueError(f"BATCH_SIZE={batch_size} must be divisible by the number of hosts "
                      f"({jax.process_count()})")
@@ -200,6 +229,12 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
 
   schedule = training.warmup_constant_schedule(learning_rate, train_steps)
   tx = training.adamw_optimizer(learning_rate=learning_rate, total_steps=train_steps)
+  if jax.process_count() > 1 and num_partitions > jax.local_device_count():
+    # Host data shards follow process_index (not t5x's data layout), and exports fetch adapters
+    # on host 0: a model-parallel group must not span hosts.
+    raise ValueError(f"train.num_partitions={num_partitions} exceeds the {jax.local_device_count()} "
+                     f"devices of one host; on {jax.process_count()} hosts keep each model-parallel "
+                     "group within a host")
   mesh = training.create_mesh(num_partitions)
   rules = training.logical_axis_rules()
   trainer = training.Trainer(model, mask, tx, mesh, rules, num_microbatches=num_microbatches,
@@ -234,7 +269,8 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
     elif eval_split in provider.splits:
       eval_iter_fn = lambda: pipeline.get_dataset(  # pylint: disable=g-long-lambda
           mixture_or_task_name, task_feature_lengths, eval_split, per_host, shuffle=False,
-          seed=0, num_epochs=1, shard_id=shard_id, num_shards=num_shards)
+          seed=0, num_epochs=1, shard_id=shard_id, num_shards=num_shards,
+          drop_remainder=False)  # every row scored; `Trainer.evaluate` pads the last batch
     else:
       logging.warning("%s has no %r split: no validation, the final adapters are exported",
                       mixture_or_task_name, eval_split)
@@ -246,10 +282,16 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
       "expert_path": expert_path, "expert_task": expert_meta.get("task"),
   }
   return trainer.fit(state, train_iter, train_steps, model_dir=model_dir,
-                     eval_iter_fn=eval_iter_fn, eval_fn=eval_fn, eval_every=eval_every,
+                     eval_iter_fn=eval_iter_fn, eval_batch_size=per_host, eval_fn=eval_fn,
+                     eval_every=eval_every,
                      checkpoint_every=checkpoint_every, log_every=log_every,
                      best_metric=best_metric, best_mode=best_mode, best_ties=best_ties,
                      validate_at_start=validate_at_start,
+                     run_identity={"mode": mode, "mixture_or_task_name": mixture_or_task_name,
+                                   "rank": acfg.rank, "scale": export_meta["scale"],
+                                   "site_pattern": acfg.site_pattern,
+                                   "expert_path": (os.path.abspath(expert_path) if expert_path
+                                                   else None)},
                      base_fingerprint=fingerprint,
                      export_metadata=export_meta)
 

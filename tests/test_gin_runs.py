@@ -105,3 +105,40 @@ def test_gate_gin_validates_only_at_the_end_and_expert_gin_uses_the_official_bat
     assert gin.query_parameter("%BATCH_SIZE") == 1024
   finally:
     gin.clear_config()
+
+
+def test_paths_and_periods_are_checked_before_any_work(tmp_path):
+  from phatgoose_jax import train as train_mod  # pylint: disable=g-import-not-at-top
+  check = train_mod._check_paths_and_periods  # pylint: disable=protected-access
+  a_file = tmp_path / "f"
+  a_file.write_text("x")
+  check(str(tmp_path / "run"), "/ckpt", eval_every=None, log_every=10)
+  for args, kw, match in (((str(a_file), "/c"), {}, "MODEL_DIR .* is not a directory"),
+                          ((None, "/c"), {}, "MODEL_DIR must be"),
+                          (("/m", None), {}, "INITIAL_CHECKPOINT_PATH must be"),
+                          (("/m", "/c"), {"eval_every": "10"}, "train.eval_every"),
+                          (("/m", "/c"), {"log_every": True}, "train.log_every")):
+    with pytest.raises(ValueError, match=match):
+      check(*args, **kw)
+
+
+def test_run_main_turns_os_errors_and_ctrl_c_into_one_line(capsys):
+  def raise_(exc):
+    def main(argv):
+      raise exc
+    return main
+  with pytest.raises(SystemExit) as e:
+    gin_utils.run_main(raise_(PermissionError(13, "Permission denied", "/runs/x")), [])
+  assert e.value.code == 2 and "Permission denied" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as e:
+    gin_utils.run_main(raise_(KeyboardInterrupt()), [])
+  assert e.value.code == 130 and "interrupted" in capsys.readouterr().err
+
+
+def test_best_metric_without_mode_gets_the_direction_of_its_kind():
+  from phatgoose_jax.train import best_selection  # pylint: disable=g-import-not-at-top
+  assert best_selection("token", None, None) == ("loss", "min")
+  assert best_selection("token", "accuracy", None) == ("accuracy", "max")
+  assert best_selection("task", None, None) == ("average_score", "max")
+  assert best_selection("task", "eval_loss", None) == ("eval_loss", "min")
+  assert best_selection("token", "accuracy", "min") == ("accuracy", "min")

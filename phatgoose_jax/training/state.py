@@ -104,10 +104,27 @@ class Checkpointer:
     return self.manager.save(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))), force=force)
 
+  def restore_meta(self, step: int) -> dict:
+    """The JSON ``meta`` item of ``step`` alone (checked before the state is restored)."""
+    out = self.manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(out["meta"])
+
   def restore(self, step: int, abstract_state: Any) -> Tuple[Any, dict]:
-    """Restores ``step`` onto ``abstract_state`` (ShapeDtypeStructs carrying shardings)."""
-    out = self.manager.restore(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    """Restores ``step`` onto ``abstract_state`` (ShapeDtypeStructs carrying shardings).
+
+    Raises:
+      ResumeError: the saved state does not fit this run's (other adapter shapes or leaves);
+        the message names the checkpoint directory, not Orbax's tree dump.
+    """
+    try:
+      out = self.manager.restore(int(step), args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    except (ValueError, TypeError, KeyError) as e:
+      detail = " ".join(str(e).split())
+      raise ResumeError(
+          f"{self.directory}: the checkpoint of step {step} does not fit this run's state "
+          f"(another LoRA rank, site pattern or mode?); use a new MODEL_DIR. Orbax: "
+          f"{detail[:300]}{'...' if len(detail) > 300 else ''}") from None
     return out["state"], dict(out["meta"])
 
   def wait(self) -> None:
@@ -123,14 +140,26 @@ def abstract_like(tree: Any) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def check_resume_meta(meta: Mapping[str, Any], base_fingerprint: Optional[str], model_dir: str
-                      ) -> None:
-  """Refuses to resume onto a different base model than the one the checkpoint was trained on."""
+def check_resume_meta(meta: Mapping[str, Any], base_fingerprint: Optional[str], model_dir: str,
+                      run: Optional[Mapping[str, Any]] = None) -> None:
+  """Refuses to resume onto a different base model, or a run whose identity changed.
+
+  ``run`` holds the settings a resumed run must keep (e.g. mode, task, LoRA rank and scale, site
+  pattern, the gate run's expert, the best-step metric and mode); the checkpoint's ``meta['run']``
+  must agree on every key both have. Learning rate, TRAIN_STEPS, microbatches and dropout may
+  change on resume (extend or re-tune a run), as in t5x.
+  """
   saved = meta.get("base_fingerprint")
   if saved and base_fingerprint and saved != base_fingerprint:
     raise ResumeError(
         f"MODEL_DIR {model_dir} holds a run trained on base model {saved}, but "
         f"INITIAL_CHECKPOINT_PATH now has fingerprint {base_fingerprint}; use a new MODEL_DIR")
+  saved_run = meta.get("run") or {}
+  diffs = [f"{k}: saved {saved_run[k]!r}, now {v!r}" for k, v in sorted((run or {}).items())
+           if k in saved_run and saved_run[k] != v]
+  if diffs:
+    raise ResumeError(f"MODEL_DIR {model_dir} holds a different run ({'; '.join(diffs)}); use a "
+                      "new MODEL_DIR or the original settings")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -192,6 +221,31 @@ def resolve_export(path: str) -> str:
       return c
   raise ExportError(f"no exported adapters at {path}: looked for {EXPORT_WEIGHTS} in it, "
                     f"or {EXPORT_DIR}/{EXPORT_WEIGHTS} under it")
+
+
+def mark_export_complete(model_dir: str) -> None:
+  """Sets ``complete: true`` in ``MODEL_DIR/export/metadata.json`` once the run has finished.
+
+  `Trainer.fit` writes each export with ``complete: false`` while training; a run that fails or is
+  killed leaves that flag, so `require_complete_export` can refuse its interim adapters."""
+  path = os.path.join(model_dir, EXPORT_DIR, EXPORT_METADATA)
+  if not os.path.isfile(path):
+    return
+  with open(path) as f:
+    meta = json.load(f)
+  meta["complete"] = True
+
+  def write_json(p):
+    with open(p, "w") as f:
+      json.dump(meta, f, indent=2, sort_keys=True, default=str)
+  _atomic_write(path, write_json)
+
+
+def require_complete_export(meta: Mapping[str, Any], path: str) -> None:
+  """Refuses an export written by a run that has not finished (``complete: false``)."""
+  if meta.get("complete") is False:
+    raise ExportError(f"{path}: the export is from a run that has not finished (best step "
+                      f"{meta.get('step')} so far); resume the run to its last step first")
 
 
 def load_exported_adapters(path: str) -> Tuple[dict, dict]:

@@ -276,6 +276,17 @@ class Trainer:
         eval_step, in_shardings=(self.state_shardings, params_sh, self._batch_sharding),
         out_shardings=self._replicated)
 
+  def _partitioning(self):
+    """Mesh + logical axis rules in scope while the steps are traced, so the model's
+    `layers.logical_constraint` activations are sharded by the one rules table (as t5x's
+    partitioner traces under its mesh and rules)."""
+    import contextlib  # pylint: disable=g-import-not-at-top
+    stack = contextlib.ExitStack()
+    set_mesh = getattr(jax, "set_mesh", None) or getattr(jax.sharding, "use_mesh", None)
+    stack.enter_context(set_mesh(self.mesh) if set_mesh is not None else self.mesh)
+    stack.enter_context(nn.logical_axis_rules(self.rules))
+    return stack
+
   def _device_batch(self, batch: Batch) -> dict:
     keys = BATCH_KEYS + ("decoder_loss_weights",) + self.site_input_keys
     missing = [k for k in BATCH_KEYS + self.site_input_keys if k not in batch]
@@ -288,24 +299,69 @@ class Trainer:
     """One optimiser update on a host-local numpy batch. Returns (state, metrics on device)."""
     if self._train_step is None:
       raise RuntimeError("call create_state() before train_step()")
-    return self._train_step(state, self.base_params, self._device_batch(batch))
+    with self._partitioning():  # the model's logical activation constraints take effect
+      return self._train_step(state, self.base_params, self._device_batch(batch))
 
-  def evaluate(self, state: Dict[str, Any], batches: Iterable[Batch]) -> Dict[str, float]:
-    """Token-level loss and accuracy over ``batches`` (dropout off)."""
+  def evaluate(self, state: Dict[str, Any], batches: Iterable[Batch],
+               batch_size: Optional[int] = None) -> Dict[str, float]:
+    """Token-level loss and accuracy over ``batches`` (dropout off).
+
+    Args:
+      state: the train state.
+      batches: host-local numpy batches; a final partial batch is fine.
+      batch_size: pad every batch to this many rows (zero tokens, zero loss weight: they count
+        for nothing), so a partial last batch keeps the compiled shape (default: no padding).
+
+    On several hosts every host runs the same number of steps (the jitted step is one global
+    computation): hosts with fewer batches step through all-zero batches, as t5x pads its eval
+    sets. Raises ValueError when no target token was scored (e.g. a validation split smaller
+    than a batch with remainder dropping, or an empty split): a 0 loss would win every
+    best-step comparison.
+    """
+    local = [self._pad_rows(dict(b), batch_size) for b in batches]
+    count = len(local)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      target = int(np.max(multihost_utils.process_allgather(np.asarray(count, np.int32))))
+      if target > count and not local:
+        raise ValueError(f"validation: host {jax.process_index()} has no batch while others "
+                         f"have {target}; use a validation split with at least one batch per "
+                         "host")
+      local += [{k: np.zeros_like(v) for k, v in local[0].items()}] * (target - count)
     totals = {"loss_sum": 0.0, "tokens": 0.0, "correct": 0.0}
-    for batch in batches:
-      out = jax.device_get(self._eval_step(state, self.base_params, self._device_batch(batch)))
+    for batch in local:
+      with self._partitioning():
+        out = jax.device_get(self._eval_step(state, self.base_params,
+                                             self._device_batch(batch)))
       for k in totals:
         totals[k] += float(out[k])
-    n = max(totals["tokens"], 1.0)
+    if totals["tokens"] <= 0:
+      raise ValueError(f"validation scored no target tokens ({count} batch(es) on this host): "
+                       "the split is empty or smaller than one batch")
+    n = totals["tokens"]
     return {"loss": totals["loss_sum"] / n, "accuracy": totals["correct"] / n,
             "tokens": totals["tokens"]}
+
+  @staticmethod
+  def _pad_rows(batch: Dict[str, Any], rows: Optional[int]) -> Dict[str, Any]:
+    """Pads every array of ``batch`` to ``rows`` rows with zeros (no-op when None or full)."""
+    if rows is None:
+      return batch
+    have = int(np.shape(next(iter(batch.values())))[0])
+    if have > rows:
+      raise ValueError(f"validation batch has {have} rows, more than batch_size={rows}")
+    if have == rows:
+      return batch
+    return {k: np.concatenate([np.asarray(v), np.zeros((rows - have,) + np.shape(v)[1:],
+                                                        np.asarray(v).dtype)]) for k, v in
+            batch.items()}
 
   # ------------------------------------------------------------------------------------------------
   # The loop.
   # ------------------------------------------------------------------------------------------------
   def fit(self, state: Dict[str, Any], train_iter: Iterator[Batch], steps: int, *,
           model_dir: str, eval_iter_fn: Optional[Callable[[], Iterable[Batch]]] = None,
+          eval_batch_size: Optional[int] = None,
           eval_every: Optional[int] = None, checkpoint_every: Optional[int] = None,
           log_every: int = 10, best_metric: str = "loss", best_mode: str = "min",
           best_ties: str = "first", validate_at_start: bool = True,
@@ -314,7 +370,8 @@ class Trainer:
           export_metadata: Optional[Mapping[str, Any]] = None, export: bool = True,
           max_to_keep: Optional[int] = 3, async_checkpoints: bool = True,
           handle_signals: bool = True, progress: bool = True,
-          skip_batch_fn: Optional[Callable[[Iterator[Batch], Any], None]] = None) -> FitResult:
+          skip_batch_fn: Optional[Callable[[Iterator[Batch], Any], None]] = None,
+          run_identity: Optional[Mapping[str, Any]] = None) -> FitResult:
     """Trains to ``steps`` (resuming from the latest checkpoint in ``model_dir`` if any).
 
     Args:
@@ -327,6 +384,7 @@ class Trainer:
       steps: total optimiser steps of the run (TRAIN_STEPS).
       model_dir: MODEL_DIR (checkpoints, logs, export).
       eval_iter_fn: returns a fresh iterable of validation batches; loss/accuracy via `evaluate`.
+      eval_batch_size: rows every validation batch is padded to (`evaluate`'s ``batch_size``).
       eval_every: validate every this many steps (plus step 0 and the last step).
       checkpoint_every: save every this many steps (plus the last step).
       log_every: train-metrics logging period.
@@ -342,19 +400,28 @@ class Trainer:
       export_metadata: extra JSON fields of ``export/metadata.json`` (task, rank, scale, mode).
       export: write ``export/`` (best adapters, or the final ones without validation).
       handle_signals: on SIGTERM/SIGINT, finish the current step, save and return.
+      run_identity: JSON settings a resume must keep (`state.check_resume_meta`); the best-step
+        metric and mode are always part of it. Checked before the state is restored.
     """
     if best_mode not in ("min", "max"):
       raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
     if best_ties not in ("first", "last"):
       raise ValueError(f"best_ties must be 'first' or 'last', got {best_ties!r}")
-    validate = eval_fn or ((lambda s: self.evaluate(s, eval_iter_fn())) if eval_iter_fn else None)
+    validate = eval_fn or ((lambda s: self.evaluate(s, eval_iter_fn(), eval_batch_size))
+                           if eval_iter_fn else None)
     ckpt = state_lib.Checkpointer(model_dir, max_to_keep=max_to_keep, async_save=async_checkpoints)
     best: Optional[Dict[str, Any]] = None
     consumed = 0
     latest = ckpt.latest_step()
+    identity = {**dict(run_identity or {}), "best_metric": best_metric, "best_mode": best_mode}
     if latest is not None:
-      state, meta = ckpt.restore(latest, state_lib.abstract_like(state))
-      state_lib.check_resume_meta(meta, base_fingerprint, model_dir)
+      try:
+        state_lib.check_resume_meta(ckpt.restore_meta(latest), base_fingerprint, model_dir,
+                                    identity)
+        state, meta = ckpt.restore(latest, state_lib.abstract_like(state))
+      except BaseException:
+        ckpt.close()
+        raise
       best = meta.get("best")
       position = meta.get("data_position", {})
       consumed = int(position.get("batches", 0))
@@ -384,14 +451,15 @@ class Trainer:
       if get_fn is not None:
         position["iterator_state"] = get_fn()
       return {"step": step, "data_position": position, "best": best,
-              "base_fingerprint": base_fingerprint}
+              "base_fingerprint": base_fingerprint, "run": identity}
 
     def do_export(kind: str, metric_value=None):
       if not export or jax.process_index() != 0:
         return
       meta = dict(export_metadata or {})
       meta.update(step=step, selected_by=kind, base_fingerprint=base_fingerprint,
-                  metric=best_metric if kind == "best" else None, metric_value=metric_value)
+                  metric=best_metric if kind == "best" else None, metric_value=metric_value,
+                  complete=kind == "final")  # a 'best' export is interim until the run ends
       state_lib.export_adapters(model_dir, self.adapters(state), meta)
 
     def run_validation():
@@ -451,6 +519,8 @@ class Trainer:
         logger.message(f"signal {stop['signal']}: saved step {step} in {ckpt.directory}")
       elif step >= steps and validate is None:
         do_export("final")
+      elif step >= steps and export and jax.process_index() == 0:
+        state_lib.mark_export_complete(model_dir)  # the run finished: its best step is final
       ckpt.wait()
     finally:
       ckpt.close()

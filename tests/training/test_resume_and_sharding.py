@@ -67,3 +67,28 @@ def test_sharded_train_step_matches_single_device():
   routed_specs = report["routed"]["specs"]
   lora_a = [s for k, s in routed_specs.items() if k.endswith("lora_a")]
   assert lora_a and all(s[0] == "data" for s in lora_a), routed_specs  # expert axis over data
+
+
+def test_train_step_applies_the_models_logical_activation_constraints():
+  """The steps are traced under the mesh and the rules table, so the model's
+  `logical_constraint` activations become sharding constraints (none outside that scope)."""
+  code = (
+      "import training_helpers as F\n"
+      "_, model, variables = F.make_model('lora')\n"
+      "counts = []\n"
+      "for scoped in (False, True):  # a fresh trainer each: jit caches its first trace\n"
+      "  tr = F.make_trainer(model, variables, 'lora', num_partitions=2)\n"
+      "  state = tr.create_state(variables)\n"
+      "  b = tr._device_batch(F.random_batch(0, batch_size=8))\n"
+      "  if scoped:\n"
+      "    with tr._partitioning():\n"
+      "      txt = tr._train_step.lower(state, tr.base_params, b).as_text()\n"
+      "  else:\n"
+      "    txt = tr._train_step.lower(state, tr.base_params, b).as_text()\n"
+      "  counts.append(txt.count('sharding_constraint'))\n"
+      "print('COUNTS', *counts)\n")
+  proc = _python(code, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out
+  bare, inside = map(int, out.split("COUNTS", 1)[1].split()[:2])
+  assert inside > bare

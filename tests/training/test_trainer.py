@@ -118,6 +118,22 @@ def test_gate_recipe_validates_only_the_last_step_so_step_0_is_never_exported(tm
   assert meta["step"] == 4 and gates and all(np.abs(g).sum() > 0 for g in gates)
 
 
+def test_a_run_that_fails_leaves_an_export_marked_incomplete(lora_setup, tmp_path):
+  _, variables, trainer = lora_setup
+
+  def failing_batches():
+    yield F.random_batch(0)
+    raise RuntimeError("disk went away")
+  with pytest.raises(RuntimeError, match="disk went away"):
+    trainer.fit(trainer.create_state(variables), failing_batches(), steps=4,
+                model_dir=str(tmp_path), eval_every=1, eval_fn=lambda s: {"loss": 1.0},
+                progress=False, handle_signals=False)
+  _, meta = load_exported_adapters(str(tmp_path))
+  assert meta["complete"] is False and meta["step"] == 0
+  with pytest.raises(state_lib.ExportError, match="has not finished"):
+    state_lib.require_complete_export(meta, str(tmp_path))
+
+
 def test_fit_validates_at_step_zero_selects_best_and_exports(lora_setup, tmp_path):
   _, variables, trainer = lora_setup
   evals = []
@@ -135,6 +151,7 @@ def test_fit_validates_at_step_zero_selects_best_and_exports(lora_setup, tmp_pat
   assert result.best == {"step": 4, "metric": "loss", "value": 1.0}
   adapters, meta = load_exported_adapters(str(tmp_path))
   assert meta["step"] == 4 and meta["task"] == "t" and meta["base_fingerprint"] == "sha256:abc"
+  assert meta["complete"] is True  # the run finished
   assert all(k.rsplit("/", 1)[1] in ("lora_a", "lora_b") for k in meta["keys"])
   assert "encoder/layers_0/attention/query" in meta["sites"]
   final = state_lib.flatten(F.to_numpy(trainer.adapters(result.state)))
