@@ -3,11 +3,14 @@
 Paper: Muqeeth et al., ICML 2024, Sec. 4.1; protocol of r-three/phatgoose
 `src/data/bigbench.py` (catalog: `catalog.bigbench`): the input is
 `inputs + "\\nAnswer:"`; multiple-choice tasks are scored by rank
-classification over `multiple_choice_targets` (a choice is correct when its
-`multiple_choice_scores` entry is > 0, so several may be correct); generative
-tasks are decoded greedily and scored by exact match (any reference counts)
-or ROUGE (best reference), with the longest reference as the training-style
-target.
+classification over `multiple_choice_targets`: for metric
+'accuracy_multiple_ans' every choice whose `multiple_choice_scores` entry is 1
+is correct, for 'accuracy' only the official `find_label` answer (the choice
+equal to the longest target); generative tasks are decoded greedily for at
+most `max_gen_length - 1` tokens (HF `generate(max_length=...)` counts the
+start token) and scored by exact match against `targets[0]` (every target for
+'exact_match_multiple_ans') or ROUGE against `targets[0]`, with the longest
+reference as the training-style target.
 
 Row formats read (jsonl / parquet / hf):
   tasksource/bigbench  `inputs`, `targets` (list), `multiple_choice_targets`,
@@ -35,6 +38,7 @@ import numpy as np
 
 from phatgoose_jax.data import p3_tasks
 from phatgoose_jax.data import preprocessors as prep
+from phatgoose_jax.data import registry
 from phatgoose_jax.data import rouge as rouge_lib
 from phatgoose_jax.data.catalog import bigbench as catalog
 
@@ -70,8 +74,13 @@ def normalize_row(row: Mapping[str, Any], task: catalog.BigBenchTask,
       raise BigBenchDataError(f"{where}: multiple-choice task without "
                               "'multiple_choice_targets'")
     scores = row.get("multiple_choice_scores")
-    correct = ([float(s) > 0 for s in scores] if scores is not None
-               else [c.strip() in {r.strip() for r in refs} for c in choices])
+    if task.metric == "accuracy_multiple_ans" and scores is not None:
+      correct = [float(s) == 1 for s in scores]  # official multi_label: every score == 1
+    else:  # 'accuracy': the one label the official find_label gives (the longest target)
+      correct = [False] * len(choices)
+      label = _single_label(refs, choices, scores)
+      if label is not None:
+        correct[label] = True
     if len(correct) != len(choices) or not any(correct):
       raise BigBenchDataError(
           f"{where}: need one score per choice and at least one correct choice "
@@ -80,8 +89,25 @@ def normalize_row(row: Mapping[str, Any], task: catalog.BigBenchTask,
   else:
     if not refs:
       raise BigBenchDataError(f"{where}: generative row without targets")
-    out.update(targets=max(refs, key=len), references=refs)
+    # official process_data: every target counts only for 'exact_match_multiple_ans';
+    # 'exact_match' and 'rouge' compare with targets[0]
+    references = refs if task.metric == "exact_match_multiple_ans" else refs[:1]
+    out.update(targets=max(refs, key=len), references=references)
   return out
+
+
+def _single_label(refs: list, choices: list, scores) -> Optional[int]:
+  """The official ``find_label`` on text: the choice equal to the longest target (the shortest
+  such, then the last), else the first choice whose score is 1 (the row's own answer)."""
+  target = max(refs, key=len).strip() if refs else None
+  equal = [i for i, c in enumerate(choices) if c.strip() == target]
+  if equal:
+    return max(equal, key=lambda i: (-len(choices[i]), i))
+  if scores is not None:
+    ones = [i for i, x in enumerate(scores) if float(x) == 1]
+    if ones:
+      return ones[0]
+  return None
 
 
 class BigBenchReader:
@@ -200,6 +226,9 @@ def _register_one(suite: str, task: catalog.BigBenchTask, vocabulary, source,
         postprocess_fn=prep.rank_classification_postprocessor,
         preprocessors=[expand_choices] + tok)
   metric = rouge_lib.rouge if task.metric_kind == "rouge" else exact_match_any
+  # Official generation_for_encdec: HF generate(max_length=max_gen_length) counts the decoder
+  # start token, so at most max_gen_length - 1 tokens are generated.
+  registry.set_decode_length(name, (task.max_gen_length - 1) if task.max_gen_length else None)
   return p3_tasks.add_task(name, src, vocabulary, metric_fns=[metric],
                            postprocess_fn=references_postprocessor,
                            preprocessors=tok)

@@ -46,12 +46,14 @@ from __future__ import annotations
 
 import functools
 import glob
+import hashlib
 import json
 import os
 import re
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import gin
+import numpy as np
 
 from phatgoose_jax.data.catalog import p3 as p3_catalog
 
@@ -258,6 +260,25 @@ def interleave_round_robin(datasets: Sequence[Any]):
       list(datasets), choice, stop_on_empty_dataset=False)
 
 
+def sample_rows(ds, k: int, seed_text: str):
+  """``k`` rows of ``ds`` drawn uniformly without replacement (all of them if it has <= k), in
+  their original order.
+
+  As the official ``P3Dataset.truncate_dataset`` (``rng.choice(n, size=cap, replace=False)``), not
+  the first k rows; the draw is seeded by ``seed_text`` (the template config), so a run is
+  reproducible, but it is not the official draw. Counting the rows costs one pass over them.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  n = int(ds.reduce(np.int64(0), lambda count, _: count + 1).numpy())
+  if n <= k:
+    return ds
+  seed = int.from_bytes(hashlib.sha256(seed_text.encode("utf-8")).digest()[:8], "little")
+  keep = np.zeros((n,), np.bool_)
+  keep[np.random.default_rng(seed).choice(n, size=k, replace=False)] = True
+  keep = tf.constant(keep)
+  return ds.enumerate().filter(lambda i, _: keep[i]).map(lambda _, ex: ex)
+
+
 def templates_source(reader: P3Reader, configs: Sequence[str],
                      cap: Optional[int] = None, splits: Sequence[str] = SPLITS,
                      name: str = "p3"):
@@ -266,7 +287,8 @@ def templates_source(reader: P3Reader, configs: Sequence[str],
   Args:
     reader: where the configs are read from.
     configs: P3 config names, or a callable returning them at read time.
-    cap: train-split cap on rows per dataset, split evenly over templates.
+    cap: train-split cap on rows per dataset, split evenly over templates; each template keeps
+      a seeded uniform sample of its rows (`sample_rows`).
     splits: the declared splits.
     name: used in error messages.
   """
@@ -284,7 +306,7 @@ def templates_source(reader: P3Reader, configs: Sequence[str],
     for c in names:
       ds = reader.dataset(c, split)
       if per_template is not None:
-        ds = ds.take(per_template)
+        ds = sample_rows(ds, per_template, seed_text=c)
       parts.append(ds)
     ds = interleave_round_robin(parts)
     return ds.map(lambda ex: {"inputs": ex["inputs_pretokenized"],

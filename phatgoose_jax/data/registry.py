@@ -83,3 +83,24 @@ def get_task_or_mixture(name: str):
           else f"; {len(names)} names are registered (did MIXTURE_OR_TASK_MODULE "
                "import the module that registers it?)")
   raise UnknownTaskError(f"unknown seqio task or mixture {name!r}{hint}")
+
+
+# Decoding budgets of generative tasks (steps), set where a task is registered (e.g. BIG-bench's
+# per-task ``max_gen_length``) and read by `evaluation.run_seqio_evaluation`.
+_DECODE_LENGTHS: dict = {}
+
+
+def set_decode_length(task_name: str, steps: Optional[int]) -> None:
+  """Records (or with None clears) the greedy-decoding budget of ``task_name``."""
+  if steps is None:
+    _DECODE_LENGTHS.pop(task_name, None)
+    return
+  if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    raise ValueError(f"set_decode_length({task_name!r}): steps must be a positive int, got "
+                     f"{steps!r}")
+  _DECODE_LENGTHS[task_name] = steps
+
+
+def decode_length(task_name: str) -> Optional[int]:
+  """The task's recorded decoding budget, or None (decode the targets length)."""
+  return _DECODE_LENGTHS.get(task_name)

@@ -158,7 +158,8 @@ def run_seqio_evaluation(mixture_or_task_name: str, model: nn.Module,
       choices, so each task gets the row count that covers its first examples exactly.
     length_normalize: score convention for score metrics.
     site_inputs_fn: per-batch ``site_inputs`` (see `make_score_fn`).
-    max_decode_length: decoding steps (default: the targets length).
+    max_decode_length: decoding steps for every task (default: each task's registered
+      `registry.decode_length`, else the targets length).
     return_outputs: also return seqio's model outputs ``{task: {ModelOutputType: [per row]}}``.
 
   Returns:
@@ -175,19 +176,24 @@ def run_seqio_evaluation(mixture_or_task_name: str, model: nn.Module,
   provider = registry.get_task_or_mixture(mixture_or_task_name)  # one-line error for unknown names
   lengths = dict(task_feature_lengths) if task_feature_lengths else None
   common = dict(batch_size=batch_size, site_inputs_fn=site_inputs_fn)
-  fns = dict(
-      predict_fn=make_predict_fn(model, variables, max_decode_length=max_decode_length, **common),
-      predict_with_aux_fn=make_predict_fn(model, variables, max_decode_length=max_decode_length,
-                                          with_aux=True, **common),
-      score_fn=make_score_fn(model, variables, length_normalize=length_normalize, **common))
-  if num_examples is None:
-    runs = [(mixture_or_task_name, None)]
-  else:
-    tasks = [t for t in seqio.get_subtasks(provider) if split in t.splits and t.metric_fns]
-    runs = [(t.name, _rows_of_first_examples(t, split, lengths, num_examples)) for t in tasks]
+
+  def fns(steps):
+    return dict(
+        predict_fn=make_predict_fn(model, variables, max_decode_length=steps, **common),
+        predict_with_aux_fn=make_predict_fn(model, variables, max_decode_length=steps,
+                                            with_aux=True, **common),
+        score_fn=make_score_fn(model, variables, length_normalize=length_normalize, **common))
+
+  # One seqio.Evaluator per sub-task: each gets its own decoding budget (the task's registered
+  # `registry.decode_length`, e.g. BIG-bench's max_gen_length, unless max_decode_length is given)
+  # and, with num_examples, the rows of its first examples.
+  tasks = [t for t in seqio.get_subtasks(provider) if split in t.splits and t.metric_fns]
+  runs = [(t.name, None if num_examples is None else
+           _rows_of_first_examples(t, split, lengths, num_examples),
+           max_decode_length or registry.decode_length(t.name)) for t in tasks]
   results: dict = {}
   outputs: dict = {}
-  for name, rows in runs if runs else [(mixture_or_task_name, None)]:
+  for name, rows, steps in runs or [(mixture_or_task_name, None, max_decode_length)]:
     evaluator = seqio.Evaluator(
         mixture_or_task_name=name, feature_converter=seqio.EncDecFeatureConverter(pack=False),
         eval_split=split, sequence_length=lengths, num_examples=rows, use_memory_cache=True,
@@ -196,7 +202,7 @@ def run_seqio_evaluation(mixture_or_task_name: str, model: nn.Module,
       if not evaluator.eval_tasks:
         raise EvaluationError(f"{mixture_or_task_name!r} has no task with split {split!r} and "
                               "metric fns")
-      metrics, task_outputs = evaluator.evaluate(compute_metrics=True, **fns)
+      metrics, task_outputs = evaluator.evaluate(compute_metrics=True, **fns(steps))
       results.update(metrics.result())
       outputs.update(task_outputs)
     finally:

@@ -17,9 +17,11 @@ from phatgoose_jax import gin_utils
 from phatgoose_jax.data import bigbench_tasks
 from phatgoose_jax.data import flan_tasks
 from phatgoose_jax.data import p3_tasks
+from phatgoose_jax.data import registry
 from phatgoose_jax.data import rouge
 from phatgoose_jax.data import t0_tasks
 from phatgoose_jax.data import vocab as vocab_lib
+from phatgoose_jax.data.catalog import bigbench as catalog_bigbench
 from phatgoose_jax.data.catalog import p3 as p3_catalog
 
 DATA = pathlib.Path(__file__).parent.parent / "testdata" / "data"
@@ -90,6 +92,15 @@ def test_p3_family(vocabulary):
                              cap=7)
   assert len(_names_with("p3_")) == 36
   assert len(_read("p3_ag_news", "train", vocabulary)) == 7
+  # The cap keeps a seeded uniform sample of each template's rows, not its first rows.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  rows = tf.data.Dataset.range(1000)
+  picked = list(p3_tasks.sample_rows(rows, 50, "cfg").as_numpy_iterator())
+  assert len(picked) == 50 == len(set(picked)) and picked == sorted(picked)
+  assert max(picked) > 900 and picked != list(range(50))
+  assert picked == list(p3_tasks.sample_rows(rows, 50, "cfg").as_numpy_iterator())  # seeded
+  assert picked != list(p3_tasks.sample_rows(rows, 50, "other").as_numpy_iterator())
+  assert list(p3_tasks.sample_rows(rows.take(5), 50, "cfg").as_numpy_iterator()) == list(range(5))
   # JSONL export of quarel (5 templates): 10 train rows, 5 validation rows.
   p3_tasks.register_p3_tasks(vocabulary, source="jsonl", data_dir=str(DATA))
   assert len(_read("p3_quarel", "train", vocabulary)) == 10
@@ -198,7 +209,29 @@ def test_bigbench_family(vocabulary):
   assert _text(vocabulary, cl[0]["targets"]) == "the big dog"
   task = seqio.get_mixture_or_task("bbl_conlang_translation")
   refs = [task.postprocess_fn(b"x", example=r, is_target=True) for r in cl]
-  assert task.metric_fns[0](refs, ["a big dog", "the cat"])["rougeL"] == 100.0
+  # official process_data: ROUGE and exact match compare with targets[0] only
+  assert refs == [["the big dog"], ["the cat"]]
+  assert task.metric_fns[0](refs, ["a big dog", "the cat"])["rougeL"] == pytest.approx(
+      100 * (2 / 3 + 1) / 2)
+  # decoding budgets: the official HF generate(max_length=max_gen_length) counts the start token
+  assert registry.decode_length("bbh_word_sorting") == 127
+  assert registry.decode_length("bbl_conlang_translation") == 63
+  assert registry.decode_length("bbh_navigate") is None
+
+
+def test_bigbench_rows_follow_the_catalog_metric():
+  by_name = {t.name: t for t in catalog_bigbench.BBH_TASKS}
+  row = {"inputs": "q", "targets": ["Yes"], "multiple_choice_targets": ["Yes", "No", "Yes "],
+         "multiple_choice_scores": [1, 0, 1]}
+  single = bigbench_tasks.normalize_row(row, by_name["navigate"], "r")  # metric 'accuracy'
+  assert single["choice_correct"] == [True, False, False]  # find_label: one answer
+  multi = bigbench_tasks.normalize_row(row, by_name["geometric_shapes"], "r")
+  assert multi["choice_correct"] == [True, False, True]  # accuracy_multiple_ans: every score 1
+  gen = {"inputs": "q", "targets": ["4", "four"]}
+  assert bigbench_tasks.normalize_row(gen, by_name["object_counting"], "r")["references"] == [
+      "4", "four"]  # exact_match_multiple_ans
+  em = bigbench_tasks.normalize_row(gen, by_name["multistep_arithmetic_two"], "r")
+  assert em["references"] == ["4"] and em["targets"] == "four"  # exact_match: targets[0]
 
 
 def test_rouge_hand_computed():
