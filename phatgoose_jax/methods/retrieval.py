@@ -70,12 +70,14 @@ def retrieval_text(inputs: str, answer_choices: Optional[Sequence[str]] = None,
                    include_answer_choices: bool = True) -> str:
   """The text embedded for one example (official ``include_answer_choices`` convention).
 
-  ``"Answer Choices: a, b, Instance: {inputs}"``; ``"Answer Choices: None, ..."`` without choices;
-  just ``inputs`` when ``include_answer_choices`` is False.
+  ``"Answer Choices: a, b, Instance: {inputs}"``; ``"Answer Choices: None, ..."`` when the
+  example has no choices field (None) and ``"Answer Choices: , ..."`` for an empty list (the
+  official code joins whatever list the key holds); just ``inputs`` when
+  ``include_answer_choices`` is False.
   """
   if not include_answer_choices:
     return str(inputs)
-  if answer_choices is None or len(answer_choices) == 0:
+  if answer_choices is None:
     return prep.answer_choices_instance_text(inputs, ["None"])
   return prep.answer_choices_instance_text(inputs, list(answer_choices))
 

@@ -8,7 +8,8 @@ from phatgoose_jax import eval as eval_lib
 from phatgoose_jax.adapters import AdapterConfig
 
 GIN_DIR = pathlib.Path(__file__).parent.parent.parent / "gin"
-ROUTERS = ["phatgoose", "arrow", "average_activation", "uniform_merge", "single_expert"]
+ROUTERS = ["phatgoose", "arrow", "arrow_phatgoose", "average_activation", "uniform_merge",
+           "single_expert"]
 
 
 @pytest.mark.parametrize("router", ROUTERS)
@@ -28,7 +29,8 @@ def test_eval_gin_parses_with_router(router):
     assert q("method_name") == router
     cfg = AdapterConfig(num_experts=5)  # as eval.py builds it from the library
     assert cfg.mode == "routed"
-    want = {"phatgoose": "phatgoose", "arrow": "arrow", "average_activation": "average_activation",
+    want = {"phatgoose": "phatgoose", "arrow": "arrow", "arrow_phatgoose": "arrow_phatgoose",
+            "average_activation": "average_activation",
             "uniform_merge": "uniform", "single_expert": "uniform"}[router]
     assert cfg.router == want
   finally:

@@ -30,6 +30,7 @@ TRAIN = {
 def test_texts_follow_official_format():
   assert rv.retrieval_text("q", ["a", "b"]) == "Answer Choices: a, b, Instance: q"
   assert rv.retrieval_text("q", None) == "Answer Choices: None, Instance: q"
+  assert rv.retrieval_text("q", []) == "Answer Choices: , Instance: q"  # official join of []
   assert rv.retrieval_text("q", ["a"], include_answer_choices=False) == "q"
   assert rv.example_text({"inputs": b"x", "answer_choices": [b"u", "v"]}) == \
       "Answer Choices: u, v, Instance: x"
