@@ -17,6 +17,7 @@ arguments and bad values get the same treatment.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -208,6 +209,12 @@ def run(argv: Sequence[str]) -> int:
   cpu_malloc.configure_from_env()  # PHATGOOSE_JAX_MALLOC=heap (see phatgoose_jax/cpu_malloc.py)
   parser = build_parser()
   args, rest = parser.parse_known_args(list(argv))
+  if args.command in ("train-expert", "train-gate", "eval") and any(
+      a in ("-h", "--help") for a in rest):
+    module = "phatgoose_jax.eval" if args.command == "eval" else "phatgoose_jax.train"
+    print(f"phatgoose-jax {args.command}: gin flags pass through to python -m {module}.\n\n"
+          + (importlib.import_module(module).__doc__ or "").strip())
+    return 0
   if args.command in ("train-expert", "train-gate"):
     return _train(args.gin_file, rest)
   if args.command == "eval":

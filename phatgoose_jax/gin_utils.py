@@ -108,6 +108,11 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str] = (),
 def run_main(main_fn: Callable[[List[str]], int], argv: Optional[Sequence[str]] = None) -> None:
   """Calls ``main_fn(argv)``; configuration errors become one stderr line and exit code 2."""
   argv = list(sys.argv[1:] if argv is None else argv)
+  if any(a in ("-h", "--help") for a in argv):  # the entry point's module docstring is its usage
+    module = sys.modules.get(getattr(main_fn, "__module__", ""), None)
+    print(((module.__doc__ if module is not None else None) or "").strip() or
+          "usage: --gin_file=FILE ... --gin.NAME=VALUE ...")
+    sys.exit(0)
   try:
     code = main_fn(argv)
   except GinConfigError as e:

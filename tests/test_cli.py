@@ -166,3 +166,12 @@ def test_console_entry_point_subprocess(tmp_path):
   proc = subprocess.run(cmd + ["--debug", "library", "list", str(tmp_path / "missing")], env=env,
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+@pytest.mark.parametrize("argv, module", [(["train-expert", "--help"], "train"),
+                                          (["eval", "-h"], "eval")])
+def test_pass_through_commands_print_their_usage(argv, module, capsys):
+  from phatgoose_jax import cli  # pylint: disable=g-import-not-at-top
+  assert cli.run(argv) == 0
+  out = capsys.readouterr().out
+  assert f"python -m phatgoose_jax.{module}" in out and "--gin" in out

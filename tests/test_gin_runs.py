@@ -142,3 +142,10 @@ def test_best_metric_without_mode_gets_the_direction_of_its_kind():
   assert best_selection("task", None, None) == ("average_score", "max")
   assert best_selection("task", "eval_loss", None) == ("eval_loss", "min")
   assert best_selection("token", "accuracy", "min") == ("accuracy", "min")
+
+
+def test_help_prints_the_entry_points_usage(capsys):
+  from phatgoose_jax import train as train_mod  # pylint: disable=g-import-not-at-top
+  with pytest.raises(SystemExit) as e:
+    gin_utils.run_main(train_mod.main, ["--help"])
+  assert e.value.code == 0 and "python -m phatgoose_jax.train" in capsys.readouterr().out
