@@ -227,8 +227,13 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
                "adapters": adapter_vars, "adapters_axes": shapes["adapters_axes"]}
   mask = adapters_lib.trainable_mask(adapter_vars, "lora" if mode == "lora" else "gate")
 
-  schedule = training.warmup_constant_schedule(learning_rate, train_steps)
-  tx = training.adamw_optimizer(learning_rate=learning_rate, total_steps=train_steps)
+  # One schedule for the optimizer and the logged learning rate, with the gin-bound warm-up.
+  opt_bindings = gin.get_bindings("phatgoose_jax.training.adamw_optimizer")
+  schedule = opt_bindings.get("schedule") or training.warmup_constant_schedule(
+      learning_rate, train_steps, opt_bindings.get("warmup_ratio", 0.06),
+      opt_bindings.get("warmup_steps"))
+  tx = training.adamw_optimizer(learning_rate=learning_rate, total_steps=train_steps,
+                                schedule=schedule)
   if jax.process_count() > 1 and num_partitions > jax.local_device_count():
     # Host data shards follow process_index (not t5x's data layout), and exports fetch adapters
     # on host 0: a model-parallel group must not span hosts.

@@ -137,6 +137,14 @@ def rank_classification(dataset, inputs_key: str = "inputs",
     num = tf.shape(choices)[0]
     c = tf.range(num, dtype=tf.int32)
     label = tf.cast(ex[label_key], tf.int32)
+    # As the python `rank_classification_rows`: a label outside [0, C) (or no choice at all)
+    # is a data error, not an example silently scored wrong or dropped.
+    tf.debugging.assert_greater(num, 0, message=f"rank_classification: an example has an "
+                                f"empty {choices_key!r}")
+    tf.debugging.assert_less(label, num, message=f"rank_classification: {label_key!r} is not "
+                             f"an index into {choices_key!r}")
+    tf.debugging.assert_non_negative(label, message=f"rank_classification: {label_key!r} is "
+                                     "negative")
     rows = {
         "inputs": tf.fill([num], ex[inputs_key]),
         "targets": choices,

@@ -270,6 +270,11 @@ def evaluate_choices(model: nn.Module, variables: Mapping[str, Any], vocabulary:
       if k not in ex:
         raise EvaluationError(f"evaluate_choices: example {i} has no field {k!r} (has "
                               f"{sorted(ex)})")
+    label, num = ex[label_key], len(ex[choices_key])
+    if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not (
+        0 <= label < num):
+      raise EvaluationError(f"evaluate_choices: example {i} field {label_key!r} = {label!r} is "
+                            f"not a choice index in [0, {num})")
   len_in, len_out = _lengths(task_feature_lengths)
   inputs = generation.encode_texts(vocabulary, [ex[inputs_key] for ex in examples], len_in)
   choices = [generation.encode_texts(vocabulary, list(ex[choices_key]), len_out)

@@ -154,6 +154,15 @@ def test_rank_classification_expansion_tf_and_python():
                                                "answer_choices": x["answer_choices"]}))
   with pytest.raises(prep.PreprocessorError, match="'label'=5"):
     prep.rank_classification_rows([dict(TWO[1], label=5)])
+  # The tf.data path refuses them too (it scored the example wrong / dropped it silently).
+  spec = {"inputs": tf.TensorSpec([], tf.string),
+          "answer_choices": tf.TensorSpec([None], tf.string),
+          "label": tf.TensorSpec([], tf.int64)}
+  for bad, match in ((dict(TWO[1], label=5), "not an index"), (dict(TWO[1], label=-1), "negative"),
+                     (dict(TWO[1], answer_choices=[]), "empty")):
+    bad_ds = tf.data.Dataset.from_generator(lambda b=bad: iter([b]), output_signature=spec)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=match):
+      list(prep.rank_classification(bad_ds).as_numpy_iterator())
 
 
 def test_rank_metric_and_numpy_choice_batch(vocabulary):

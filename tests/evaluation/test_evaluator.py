@@ -87,6 +87,9 @@ def test_evaluate_choices_counts_correct_labels(routed, sp_processor):
   assert ev.evaluate_choices(model, variables, sp_processor, wrong, batch_size=3)["accuracy"] == 0.0
   with pytest.raises(ev.EvaluationError, match="answer_choices"):
     ev.evaluate_choices(model, variables, sp_processor, [{"inputs": "x", "label": 0}])
+  for label in (4, -1, "1"):  # out of range or not an index: an error, not a silent 0%
+    with pytest.raises(ev.EvaluationError, match="'label'"):
+      ev.evaluate_choices(model, variables, sp_processor, [dict(examples[0], label=label)])
 
 
 def test_dataset_and_aggregate_scores():
