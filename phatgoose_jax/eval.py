@@ -158,6 +158,15 @@ def evaluate(mixture_or_task_name: str = gin.REQUIRED,
                           f"{lengths!r}")
   ckpt = _require(initial_checkpoint_path, "INITIAL_CHECKPOINT_PATH")
   out_dir = _require(eval_output_dir, "EVAL_OUTPUT_DIR")
+  if "://" not in str(out_dir):  # checked before the (long) evaluation, not after it
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+      raise EvalConfigError(f"EVAL_OUTPUT_DIR {out_dir} exists and is not a directory")
+    existing = os.path.abspath(out_dir)  # nothing is created until the results are written
+    while not os.path.exists(existing):
+      existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+      raise EvalConfigError(f"EVAL_OUTPUT_DIR {out_dir} cannot be written ({existing} is not a "
+                            "writable directory)")
   from phatgoose_jax import errors  # pylint: disable=g-import-not-at-top
   errors.quiet_tensorflow_import()
   registry.import_task_module(task_module)

@@ -218,10 +218,14 @@ def infer_config(flat_shapes: Mapping[str, Shape], **overrides) -> T5Config:
   Raises:
     CheckpointError: if a parameter needed for inference is missing or inconsistent.
   """
-  def shape_of(path: str) -> Shape:
+  def shape_of(path: str, rank: int = 2) -> Shape:
     if path not in flat_shapes:
       raise CheckpointError(f"cannot infer the T5 config: parameter {path!r} is missing")
-    return tuple(int(s) for s in flat_shapes[path])
+    shape = tuple(int(s) for s in flat_shapes[path])
+    if len(shape) != rank:
+      raise CheckpointError(f"cannot infer the T5 config: parameter {path!r} has shape "
+                            f"{shape}, expected {rank} dims")
+    return shape
 
   vocab_size, emb_dim = shape_of("token_embedder/embedding")
   num_heads, num_buckets = shape_of("encoder/relpos_bias/rel_embedding")

@@ -67,6 +67,16 @@ class Expert:
   metadata: Dict[str, Any]
 
 
+def _non_library_leftovers(path: str) -> list:
+  """Entries of ``path`` other than what an interrupted `create` leaves (an empty ``experts/``,
+  a temporary ``library.json``), which a new `create` may reuse."""
+  def leftover(name: str) -> bool:
+    full = os.path.join(path, name)
+    return ((name == fmt.EXPERTS_DIR and os.path.isdir(full) and not os.listdir(full))
+            or name.startswith(f".{fmt.LIBRARY_FILE}.tmp-"))
+  return [n for n in os.listdir(path) if not leftover(n)]
+
+
 class ExpertLibrary:
   """A directory of LoRA experts for one base model (see `phatgoose_jax.library.format`).
 
@@ -109,7 +119,7 @@ class ExpertLibrary:
       if lib.t5_config.to_dict() != config.to_dict():
         raise LibraryError(f"{path}: field 't5_config' differs from the given config")
       return lib
-    if os.path.isdir(path) and os.listdir(path):
+    if os.path.isdir(path) and _non_library_leftovers(path):
       raise LibraryError(f"cannot create an expert library in non-empty directory {path}")
     all_sites = site_shapes(config)
     if sites is not None:

@@ -92,8 +92,11 @@ class Checkpointer:
 
   def __init__(self, model_dir: str, max_to_keep: Optional[int] = 3, async_save: bool = True):
     self.directory = os.path.join(os.path.abspath(model_dir), CHECKPOINT_DIR)
+    # cleanup_tmp_directories: a save killed half-way leaves an Orbax tmp directory; it is
+    # removed when the run restarts (it was ignored and kept before).
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=async_save)
+                                           enable_async_checkpointing=async_save,
+                                           cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "meta"))
 

@@ -83,6 +83,9 @@ def test_infer_config_overrides_and_errors(manifest_shapes):
   gap = {k: v for k, v in manifest_shapes.items() if not k.startswith("decoder/layers_1/")}
   with pytest.raises(CheckpointError, match="decoder layer indices"):
     infer_config(gap)
+  flat3 = dict(manifest_shapes, **{"token_embedder/embedding": (3, 4, 5)})
+  with pytest.raises(CheckpointError, match=r"token_embedder/embedding' has shape \(3, 4, 5\)"):
+    infer_config(flat3)
 
 
 def test_flatten_unflatten_round_trip():

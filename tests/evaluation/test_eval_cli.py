@@ -63,3 +63,16 @@ def test_headline_metric_is_accuracy_then_rouge_l():
   assert eval_mod._headline_metric({"rouge1": 0.5, "rouge2": 0.2, "rougeL": 0.4}) == "rougeL"  # pylint: disable=protected-access
   assert eval_mod._headline_metric({"accuracy": 50.0, "rougeL": 0.4}) == "accuracy"  # pylint: disable=protected-access
   assert eval_mod._headline_metric({"f1": 1.0, "bleu": 2.0}) == "bleu"  # pylint: disable=protected-access
+
+
+def test_eval_output_dir_is_checked_before_the_evaluation(tmp_path):
+  a_file = tmp_path / "f"
+  a_file.write_text("x")
+  lengths = {"inputs": 4, "targets": 4}
+  with pytest.raises(eval_lib.EvalConfigError, match="EVAL_OUTPUT_DIR .* not a directory"):
+    eval_lib.evaluate(mixture_or_task_name="x", task_feature_lengths=lengths,
+                      initial_checkpoint_path="/nonexistent", eval_output_dir=str(a_file))
+  with pytest.raises(eval_lib.EvalConfigError, match="cannot be written"):
+    eval_lib.evaluate(mixture_or_task_name="x", task_feature_lengths=lengths,
+                      initial_checkpoint_path="/nonexistent",
+                      eval_output_dir=str(a_file / "sub" / "out"))

@@ -338,3 +338,17 @@ def test_create_and_open_errors(tmp_path, lib):
     json.dump(dict(index, **{field: value}), open(index_path, "w"))
     with pytest.raises(LibraryError, match=f"field '{field}' must be"):
       ExpertLibrary.open(lib.path)
+
+
+def test_create_after_an_interrupted_create_reuses_the_directory(tmp_path):
+  """A crash between making experts/ and writing library.json leaves a directory that open
+  refuses; create may take it over (it holds nothing else)."""
+  path = tmp_path / "lib"
+  (path / fmt.EXPERTS_DIR).mkdir(parents=True)
+  (path / f".{fmt.LIBRARY_FILE}.tmp-abc").write_text("{")
+  lib = ExpertLibrary.create(str(path), FP, CONFIG)
+  assert lib.names() == [] and ExpertLibrary.open(str(path)).names() == []
+  other = tmp_path / "other"
+  (other / fmt.EXPERTS_DIR / "x").mkdir(parents=True)  # not an empty experts/: refused
+  with pytest.raises(LibraryError, match="non-empty"):
+    ExpertLibrary.create(str(other), FP, CONFIG)
