@@ -107,6 +107,10 @@ class DataIterator:
     n = int(state.get("batches_consumed", -1))
     if n < 0:
       raise PipelineError(f"data state has invalid batches_consumed {n}")
+    if n and self.fingerprint.get("shuffle") and self.fingerprint.get("seed") is None:
+      raise PipelineError("cannot resume a shuffled pipeline with seed=None: its order is not "
+                          "reproducible, so skipping the consumed batches would repeat and "
+                          "skip rows; give the data a seed")
     self._consumed = n
     self._it = None
 
@@ -303,7 +307,7 @@ def iterate_numpy_batches(examples: Sequence[Mapping[str, Any]], vocabulary,
   """Yields padded numpy batches from in-memory examples, deterministically.
 
   Shard `s` of `n` takes examples s, s+n, s+2n, ... (before shuffling). Each
-  epoch is shuffled with `random.Random((seed, epoch))`. `start_batch` skips
+  epoch is shuffled with `random.Random(f"{seed}/{epoch}")`. `start_batch` skips
   that many batches (resume). The last partial batch is kept unless
   `drop_remainder`.
   """

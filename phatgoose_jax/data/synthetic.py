@@ -216,7 +216,8 @@ def generate_examples(task_name: str, split: str = "train", n: int = 100,
   while len(out) < n:
     attempts += 1
     if attempts > 200 * (n + 10):
-      raise SyntheticTaskError(f"{name}: could not draw {n} distinct {split} examples")
+      raise SyntheticTaskError(f"{name}: could not draw {n} {split} examples (the split's "
+                               "inputs, or held-out choices, kept being rejected)")
     if name in EXPERTS:
       segs = _expert_example(rng, EXPERTS[name], copy_prob)
       h = None

@@ -18,6 +18,26 @@ import jax
 METRICS_FILE = "metrics.jsonl"
 
 
+def _drop_records_after(path: str, step: int) -> None:
+  """Rewrites the JSONL file without the records of steps after ``step`` (they are redone)."""
+  with open(path) as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      if int(json.loads(line).get("step", 0)) > step:
+        continue
+    except (ValueError, TypeError, AttributeError):
+      pass  # a torn last line of a killed run: dropped too, it cannot be parsed
+    else:
+      kept.append(line)
+  if len(kept) != len(lines):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
+
+
 class MetricsLogger:
   """Writes scalars to JSONL and TensorBoard and drives a progress bar.
 
@@ -39,7 +59,10 @@ class MetricsLogger:
     if not self.enabled:
       return
     os.makedirs(model_dir, exist_ok=True)
-    self._jsonl = open(os.path.join(model_dir, METRICS_FILE), "a")
+    path = os.path.join(model_dir, METRICS_FILE)
+    if start_step > 0 and os.path.isfile(path):
+      _drop_records_after(path, start_step)  # steps a killed run logged past its checkpoint
+    self._jsonl = open(path, "a")
     if progress:
       from tqdm import tqdm  # pylint: disable=g-import-not-at-top
       self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,

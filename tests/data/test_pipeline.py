@@ -67,6 +67,10 @@ def test_deterministic_and_bit_identical_resume(synthetic_tasks):
       np.testing.assert_array_equal(x[k], y[k])
   with pytest.raises(pipeline.PipelineError, match="'seed'"):
     make(8).restore(state)
+  unseeded = make(None)
+  with pytest.raises(pipeline.PipelineError, match="seed=None"):
+    unseeded.restore(dict(unseeded.state(), batches_consumed=4))
+  unseeded.restore(unseeded.state())  # nothing consumed yet: nothing to reproduce
 
 
 def _rows(it):

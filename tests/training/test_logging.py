@@ -1,0 +1,25 @@
+"""MetricsLogger: JSONL records; a resumed run drops the records a killed run wrote past its
+checkpoint (and a torn last line), so every step appears once."""
+import json
+import os
+
+from phatgoose_jax.training import logging as logging_lib
+
+
+def test_resume_drops_records_after_the_restored_step(tmp_path):
+  path = os.path.join(tmp_path, logging_lib.METRICS_FILE)
+  with open(path, "w") as f:
+    for step in (1, 2, 3, 4):
+      f.write(json.dumps({"step": step, "split": "train"}) + "\n")
+    f.write('{"step": 5, "spl')  # killed mid-write
+  log = logging_lib.MetricsLogger(str(tmp_path), 10, start_step=2, tensorboard=False,
+                                  progress=False)
+  log.write(3, "train", {"loss": 1.5, "bad": float("nan")})
+  log.close()
+  records = [json.loads(line) for line in open(path)]
+  assert [r["step"] for r in records] == [1, 2, 3]
+  assert records[-1]["loss"] == 1.5 and records[-1]["bad"] == "nan"
+  fresh = logging_lib.MetricsLogger(str(tmp_path), 10, start_step=0, tensorboard=False,
+                                    progress=False)  # a fresh start keeps (appends to) the file
+  fresh.close()
+  assert len(open(path).readlines()) == 3
