@@ -194,7 +194,8 @@ def export_adapters(model_dir: str, adapters: Mapping[str, Any], metadata: Mappi
   Args:
     model_dir: the run directory.
     adapters: nested adapters collection (host or device arrays).
-    metadata: JSON-able fields (task, rank, scale, mode, step, base_fingerprint, ...); ``sites``,
+    metadata: JSON-able fields (task, rank, scale, mode, step, base_fingerprint, ``complete``:
+      false for an interim best-step export until `mark_export_complete`, ...); ``sites``,
       ``keys``, ``format`` and ``format_version`` are added.
   Returns:
     The export directory.
