@@ -247,8 +247,12 @@ class AdapterTrainer:
     meta = {"mode": self.mode, "rank": cfg.rank, "scale": 1.0 / cfg.rank,
             "site_pattern": self.acfg.site_pattern, "train_steps": self.steps,
             "batch_size": cfg.expert_batch, **dict(metadata or {})}
+    # Gate runs validate only at their last step, as runs/train_gate.gin (the official
+    # train_gate.sh), so the zero-initialised gate of step 0 can never be the export.
     return self.trainer.fit(state, train_iter, self.steps, model_dir=model_dir,
-                            eval_iter_fn=eval_fn, eval_every=self.steps, checkpoint_every=None,
+                            eval_iter_fn=eval_fn, eval_batch_size=cfg.eval_batch,
+                            validate_at_start=self.mode != "gated_lora",
+                            eval_every=self.steps, checkpoint_every=None,
                             log_every=max(self.steps // 4, 1), base_fingerprint=self.fingerprint,
                             export_metadata=meta, max_to_keep=1, async_checkpoints=False,
                             handle_signals=False, progress=progress)
