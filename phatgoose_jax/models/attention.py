@@ -91,7 +91,7 @@ class MultiHeadAttention(nn.Module):
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Optional[Array] = None,
                bias: Optional[Array] = None, *, enable_dropout: bool = False,
-               decode: bool = False, cross: bool = False,
+               decode: bool = False, cross: bool = False, cache_cross: bool = False,
                site_inputs: Optional[dict] = None) -> Array:
     """Args:
       inputs_q: [B, Q, D] query-side inputs.
@@ -99,7 +99,12 @@ class MultiHeadAttention(nn.Module):
       mask: [B, 1, Q, K] attention mask (1 = attend) or None.
       bias: [1 or B, H, Q, K] additive bias (relative positions) or None.
       decode: incremental decoding; self-attention then expects Q == 1 once the cache exists.
-      cross: this is cross-attention (keys/values cached once per sequence when decoding).
+      cross: this is cross-attention.
+      cache_cross: (cross, decode) store the projected encoder keys/values in the ``cache``
+        collection on this call; later decode calls that find them reuse them. Only
+        `decoding.init_cache` asks for it (with the real encoder output). Without it, as in t5x
+        (whose cache is initialised on dummy all-ones inputs), every step projects the
+        ``encoded`` it is given.
       site_inputs: per-example extras forwarded to every site (e.g. task ids for task routing).
 
     Returns:
@@ -119,17 +124,15 @@ class MultiHeadAttention(nn.Module):
 
     query = split(q_site(inputs_q, **site_inputs))  # [B, Q, H, Dh]
 
-    if cross and decode:
-      # Project the encoder output once per sequence; later steps read the cache.
-      initialized = self.has_variable("cache", "cached_key")
-      if initialized:
-        key = self.get_variable("cache", "cached_key")
-        value = self.get_variable("cache", "cached_value")
-      else:
-        key = split(k_site(inputs_kv, **site_inputs))
-        value = split(v_site(inputs_kv, **site_inputs))
-        self.put_variable("cache", "cached_key", key)
-        self.put_variable("cache", "cached_value", value)
+    if cross and decode and self.has_variable("cache", "cached_key") and not cache_cross:
+      # Projected once per sequence by `decoding.init_cache`; steps read the cache.
+      key = self.get_variable("cache", "cached_key")
+      value = self.get_variable("cache", "cached_value")
+    elif cross and decode and cache_cross:
+      key = split(k_site(inputs_kv, **site_inputs))
+      value = split(v_site(inputs_kv, **site_inputs))
+      self.put_variable("cache", "cached_key", key)
+      self.put_variable("cache", "cached_value", value)
     else:
       key = split(k_site(inputs_kv, **site_inputs))    # [B, K, H, Dh]
       value = split(v_site(inputs_kv, **site_inputs))  # [B, K, H, Dh]

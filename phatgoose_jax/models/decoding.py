@@ -26,7 +26,8 @@ def init_cache(model: nn.Module, variables: Mapping[str, Any], encoded: Array,
   dummy = jnp.zeros((batch, max_decode_length), jnp.int32)
   _, state = model.apply(dict(variables), encoded, encoder_input_tokens, dummy, dummy,
                          enable_dropout=False, decode=True, max_decode_length=max_decode_length,
-                         site_inputs=site_inputs, mutable=["cache"], method=model.decode)
+                         site_inputs=site_inputs, cache_cross_attention=True, mutable=["cache"],
+                         method=model.decode)
   return state["cache"]
 
 

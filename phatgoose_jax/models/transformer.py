@@ -103,7 +103,8 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, encoded, decoder_mask=None, encoder_decoder_mask=None, *,
-               enable_dropout=False, decode=False, max_decode_length=None, site_inputs=None):
+               enable_dropout=False, decode=False, max_decode_length=None, site_inputs=None,
+               cache_cross_attention=False):
     cfg = self.config
     length = max_decode_length if decode and max_decode_length else x.shape[-2]
     bias = self.relative_embedding(length, length, False)  # [1, H, T, T]
@@ -117,7 +118,7 @@ class DecoderLayer(nn.Module):
       h = _norm(cfg, "pre_cross_attention_layer_norm")(x)
       h = _attention(cfg, self.site_factory, "encoder_decoder_attention")(
           h, encoded, encoder_decoder_mask, None, enable_dropout=enable_dropout, decode=decode,
-          cross=True, site_inputs=site_inputs)
+          cross=True, cache_cross=cache_cross_attention, site_inputs=site_inputs)
       x = x + _dropout(cfg)(h, deterministic=not enable_dropout)
     with jax.named_scope("mlp"):
       h = _norm(cfg, "pre_mlp_layer_norm")(x)
@@ -161,7 +162,7 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, encoded, decoder_input_tokens, decoder_positions=None, decoder_mask=None,
                encoder_decoder_mask=None, *, enable_dropout=False, decode=False,
-               max_decode_length=None, site_inputs=None):
+               max_decode_length=None, site_inputs=None, cache_cross_attention=False):
     cfg = self.config
     rel_emb = _relpos(cfg, "relpos_bias")
     y = self.shared_embedding(decoder_input_tokens.astype("int32"))  # [B, T, D]
@@ -170,7 +171,8 @@ class Decoder(nn.Module):
       with jax.named_scope(f"decoder_layer_{i}"):
         y = DecoderLayer(cfg, rel_emb, self.site_factory, name=f"layers_{i}")(
             y, encoded, decoder_mask, encoder_decoder_mask, enable_dropout=enable_dropout,
-            decode=decode, max_decode_length=max_decode_length, site_inputs=site_inputs)
+            decode=decode, max_decode_length=max_decode_length, site_inputs=site_inputs,
+            cache_cross_attention=cache_cross_attention)
     y = _norm(cfg, "decoder_norm")(y)
     y = _dropout(cfg)(y, deterministic=not enable_dropout)
     with jax.named_scope("logits"):
@@ -223,8 +225,13 @@ class Transformer(nn.Module):
              decoder_segment_ids: Optional[Array] = None,
              decoder_positions: Optional[Array] = None, enable_dropout: bool = True,
              decode: bool = False, max_decode_length: Optional[int] = None,
-             site_inputs: Optional[dict] = None) -> Array:
-    """Decoder logits [B, T, V] given ``encoded`` [B, L, D] (t5x masks and decode semantics)."""
+             site_inputs: Optional[dict] = None, cache_cross_attention: bool = False) -> Array:
+    """Decoder logits [B, T, V] given ``encoded`` [B, L, D] (t5x masks and decode semantics).
+
+    ``cache_cross_attention`` (with ``decode``): store the cross-attention keys/values of
+    ``encoded`` in the cache so later steps skip their projection (`decoding.init_cache`);
+    without it every step projects the ``encoded`` it is given, as t5x.
+    """
     cfg = self.config
     dtype = cfg.compute_dtype
     if decode:
@@ -247,7 +254,8 @@ class Transformer(nn.Module):
     with jax.named_scope("decoder"):
       return self.decoder(encoded, decoder_input_tokens, decoder_positions, decoder_mask,
                           encoder_decoder_mask, enable_dropout=enable_dropout, decode=decode,
-                          max_decode_length=max_decode_length, site_inputs=site_inputs)
+                          max_decode_length=max_decode_length, site_inputs=site_inputs,
+                          cache_cross_attention=cache_cross_attention)
 
   def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
                decoder_target_tokens: Array, encoder_segment_ids: Optional[Array] = None,

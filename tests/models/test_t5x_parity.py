@@ -52,6 +52,35 @@ def test_greedy_tokens_match_t5x(loaded, testdata):
   np.testing.assert_array_equal(np.asarray(tokens), expected["greedy_tokens"])
 
 
+def test_t5x_cache_protocol_decodes_the_real_inputs(loaded, testdata):
+  """t5x's EncoderDecoderModel builds the cache on all-ones dummy inputs, then passes the real
+  encoder output at every step: cross-attention must use that, not the dummy encoding."""
+  config, variables = loaded
+  batch = np.load(testdata / FIX / "batch.npz")
+  expected = np.load(testdata / FIX / "expected.npz")
+  model = Transformer(config)
+  inputs = jnp.asarray(batch["encoder_input_tokens"])
+  b, t = batch["decoder_input_tokens"].shape
+  ones = jnp.ones((b, t), jnp.int32)
+  _, state = model.apply(variables, jnp.ones_like(inputs), ones, ones, decode=True,
+                         enable_dropout=False, mutable=["cache"])
+  cache = state["cache"]
+  encoded = model.apply(variables, inputs, enable_dropout=False, method=model.encode)
+  prev, out = jnp.zeros((b, 1), jnp.int32), []
+  for _ in range(t):  # t5x's _compute_logits_from_slice, greedy
+    logits, state = model.apply({**variables, "cache": cache}, encoded, inputs, prev, prev,
+                                enable_dropout=False, decode=True, max_decode_length=t,
+                                mutable=["cache"], method=model.decode)
+    cache = state["cache"]
+    prev = logits.argmax(-1).astype(jnp.int32)
+    out.append(np.asarray(prev[:, 0]))
+  tokens = np.stack(out, 1)
+  want = expected["greedy_tokens"]
+  for row, ref in zip(tokens, want):  # equal up to the first EOS (t5x pads after it)
+    stop = int(np.argmax(ref == 1)) + 1 if (ref == 1).any() else len(ref)
+    np.testing.assert_array_equal(row[:stop], ref[:stop])
+
+
 def test_cached_decoding_equals_teacher_forcing_on_long_inputs(loaded, testdata):
   """Greedy tokens are the argmax of teacher-forced logits on their own prefix (all buckets)."""
   config, variables = loaded
