@@ -9,8 +9,19 @@ from __future__ import annotations
 import os
 
 
+def _umask_by_swap() -> int:
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+# Read once at import (single-threaded) for systems without /proc: swapping the umask while
+# checkpoint threads create files could give them the wrong mode.
+_IMPORT_UMASK = _umask_by_swap()
+
+
 def current_umask() -> int:
-  """The process umask (from /proc on Linux, else by setting and restoring it)."""
+  """The process umask (from /proc on Linux; elsewhere the umask at import time)."""
   try:
     with open("/proc/self/status", encoding="ascii") as f:
       for line in f:
@@ -18,9 +29,7 @@ def current_umask() -> int:
           return int(line.split()[1], 8)
   except (OSError, ValueError):
     pass
-  mask = os.umask(0o022)
-  os.umask(mask)
-  return mask
+  return _IMPORT_UMASK
 
 
 def ordinary_mode(path: str) -> None:

@@ -19,6 +19,7 @@ stopped by SIGTERM/SIGINT after saving a checkpoint.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import sys
@@ -76,7 +77,7 @@ def _check_expert_matches(meta: Mapping[str, Any], expert_path: str,
             ("base_fingerprint", meta.get("base_fingerprint"), fingerprint,
              "INITIAL_CHECKPOINT_PATH"))
   for field, theirs, ours, flag in checks:
-    if theirs is None:
+    if theirs is None or ours is None:
       continue  # an export without the field (e.g. imported weights): nothing to compare
     same = (np.isclose(float(theirs), float(ours), rtol=1e-6, atol=0.0) if field == "scale"
             else theirs == ours)
@@ -106,8 +107,11 @@ def _check_paths_and_periods(model_dir: Any, initial_checkpoint_path: Any,
   if os.path.exists(model_dir) and not os.path.isdir(model_dir):
     raise ValueError(f"MODEL_DIR {model_dir} exists and is not a directory")
   for name, value in periods.items():
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-      raise ValueError(f"train.{name} must be a positive int or None, got {value!r}")
+    optional = name != "log_every"  # eval_every=None: only the last step; log_every is needed
+    if (value is None and not optional) or (value is not None and (
+        isinstance(value, bool) or not isinstance(value, int) or value < 1)):
+      raise ValueError(f"train.{name} must be a positive int{' or None' if optional else ''}, "
+                       f"got {value!r}")
 
 
 def _check_arguments(task_feature_lengths: Any, batch_size: Any, train_steps: Any,
@@ -202,8 +206,16 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
       raise ValueError("train.register_synthetic needs VOCABULARY")
     synthetic.register_synthetic_tasks(vocabulary)
   registry.get_task_or_mixture(mixture_or_task_name)  # Unknown names fail before any model work.
-  if mode == "gated_lora":
-    state_lib.resolve_export(expert_path)  # A missing expert fails before loading the base.
+  expert_file = None
+  if mode == "gated_lora":  # a missing or mismatched expert fails before loading the base
+    expert_file = os.path.realpath(state_lib.resolve_export(expert_path))
+    meta_path = os.path.join(os.path.dirname(expert_file), state_lib.EXPORT_METADATA)
+    if os.path.isfile(meta_path):
+      with open(meta_path) as f:
+        early_meta = json.load(f)
+      state_lib.require_complete_export(early_meta, expert_path)
+      acfg_early = adapter_config or adapters_lib.AdapterConfig()
+      _check_expert_matches(early_meta, expert_path, acfg_early, None)
 
   overrides = {} if dropout_rate is None else {"dropout_rate": dropout_rate}
   config, params = checkpoints.load_checkpoint(initial_checkpoint_path, model_config,
@@ -295,8 +307,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
                      run_identity={"mode": mode, "mixture_or_task_name": mixture_or_task_name,
                                    "rank": acfg.rank, "scale": export_meta["scale"],
                                    "site_pattern": acfg.site_pattern,
-                                   "expert_path": (os.path.abspath(expert_path) if expert_path
-                                                   else None)},
+                                   "expert_path": expert_file},  # the resolved weights file
                      base_fingerprint=fingerprint,
                      export_metadata=export_meta)
 

@@ -149,3 +149,9 @@ def test_help_prints_the_entry_points_usage(capsys):
   with pytest.raises(SystemExit) as e:
     gin_utils.run_main(train_mod.main, ["--help"])
   assert e.value.code == 0 and "python -m phatgoose_jax.train" in capsys.readouterr().out
+
+
+def test_log_every_none_is_refused():
+  from phatgoose_jax import train as train_mod  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="train.log_every must be a positive int, got None"):
+    train_mod._check_paths_and_periods("/m", "/c", eval_every=None, log_every=None)  # pylint: disable=protected-access

@@ -260,23 +260,40 @@ def interleave_round_robin(datasets: Sequence[Any]):
       list(datasets), choice, stop_on_empty_dataset=False)
 
 
-def sample_rows(ds, k: int, seed_text: str):
+_ROW_COUNTS: dict = {}  # (count_key) -> rows, so a process counts each template once
+
+
+def sample_rows(ds, k: int, seed_text: str, count_key: Optional[Any] = None):
   """``k`` rows of ``ds`` drawn uniformly without replacement (all of them if it has <= k), in
   their original order.
 
   As the official ``P3Dataset.truncate_dataset`` (``rng.choice(n, size=cap, replace=False)``), not
   the first k rows; the draw is seeded by ``seed_text`` (the template config), so a run is
-  reproducible, but it is not the official draw. Counting the rows costs one pass over them.
+  reproducible, but it is not the official draw. The row count comes from the dataset's
+  cardinality, or one counting pass (cached per ``count_key`` for the process); each epoch then
+  reads the rows up to the last one kept (the official code reads rows at random, which TFRecord
+  files cannot).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  n = int(ds.reduce(np.int64(0), lambda count, _: count + 1).numpy())
+  n = int(ds.cardinality().numpy())
+  if n == int(tf.data.INFINITE_CARDINALITY):
+    raise P3DataError(f"{seed_text}: cannot sample {k} rows of an infinite dataset")
+  if n < 0:  # unknown: count once
+    if count_key is not None and count_key in _ROW_COUNTS:
+      n = _ROW_COUNTS[count_key]
+    else:
+      n = int(ds.reduce(np.int64(0), lambda count, _: count + 1).numpy())
+      if count_key is not None:
+        _ROW_COUNTS[count_key] = n
   if n <= k:
     return ds
   seed = int.from_bytes(hashlib.sha256(seed_text.encode("utf-8")).digest()[:8], "little")
-  keep = np.zeros((n,), np.bool_)
-  keep[np.random.default_rng(seed).choice(n, size=k, replace=False)] = True
+  picked = np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+  keep = np.zeros((int(picked[-1]) + 1,), np.bool_)
+  keep[picked] = True
   keep = tf.constant(keep)
-  return ds.enumerate().filter(lambda i, _: keep[i]).map(lambda _, ex: ex)
+  return (ds.take(int(picked[-1]) + 1).enumerate().filter(lambda i, _: keep[i])
+          .map(lambda _, ex: ex))
 
 
 def templates_source(reader: P3Reader, configs: Sequence[str],
@@ -306,7 +323,9 @@ def templates_source(reader: P3Reader, configs: Sequence[str],
     for c in names:
       ds = reader.dataset(c, split)
       if per_template is not None:
-        ds = sample_rows(ds, per_template, seed_text=c)
+        ds = sample_rows(ds, per_template, seed_text=c,
+                         count_key=(name, c, split, tuple(reader.files(c, split))
+                                    if hasattr(reader, "files") else None))
       parts.append(ds)
     ds = interleave_round_robin(parts)
     return ds.map(lambda ex: {"inputs": ex["inputs_pretokenized"],

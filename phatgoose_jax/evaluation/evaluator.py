@@ -215,7 +215,10 @@ def _rows_of_first_examples(task: Any, split: str, lengths: Optional[Mapping[str
                             num_examples: int) -> int:
   """Rows of ``task``'s preprocessed ``split`` (in seqio's eval order) that make up its first
   ``num_examples`` examples: rows sharing ``idx[0]`` (rank classification) are one example."""
-  dataset = task.get_dataset(sequence_length=lengths, split=split, shuffle=False, num_epochs=1)
+  # shuffle=False and seed 42 as seqio.Evaluator reads it (the seed matters only to random
+  # preprocessors)
+  dataset = task.get_dataset(sequence_length=lengths, split=split, shuffle=False, num_epochs=1,
+                             seed=42)
   rows, examples, previous = 0, 0, None
   for row in dataset.as_numpy_iterator():
     idx = row.get("idx")

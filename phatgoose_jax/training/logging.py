@@ -18,17 +18,20 @@ import jax
 METRICS_FILE = "metrics.jsonl"
 
 
-def _drop_records_after(path: str, step: int) -> None:
-  """Rewrites the JSONL file without the records of steps after ``step`` (they are redone)."""
+def _drop_records_after(path: str, step: Optional[int]) -> None:
+  """Rewrites the JSONL file without unparsable (torn) lines and, unless ``step`` is None,
+  without the records of steps after ``step`` (they are redone)."""
   with open(path) as f:
     lines = f.readlines()
   kept = []
   for line in lines:
     try:
-      if int(json.loads(line).get("step", 0)) > step:
+      if not line.endswith("\n"):
+        raise ValueError("torn")  # the last line of a killed run
+      if step is not None and int(json.loads(line).get("step", 0)) > step:
         continue
     except (ValueError, TypeError, AttributeError):
-      pass  # a torn last line of a killed run: dropped too, it cannot be parsed
+      pass  # dropped: it cannot be parsed
     else:
       kept.append(line)
   if len(kept) != len(lines):
@@ -50,7 +53,7 @@ class MetricsLogger:
   """
 
   def __init__(self, model_dir: str, total_steps: int, start_step: int = 0,
-               tensorboard: bool = True, progress: bool = True):
+               tensorboard: bool = True, progress: bool = True, truncate: bool = False):
     self.enabled = jax.process_index() == 0
     self.model_dir = model_dir
     self._writers = {}
@@ -60,8 +63,10 @@ class MetricsLogger:
       return
     os.makedirs(model_dir, exist_ok=True)
     path = os.path.join(model_dir, METRICS_FILE)
-    if start_step > 0 and os.path.isfile(path):
-      _drop_records_after(path, start_step)  # steps a killed run logged past its checkpoint
+    if os.path.isfile(path):
+      # `truncate` (the training loop): drop what a killed run logged past the step it resumes
+      # from (all of it after step 0 when no checkpoint was reached); always drop a torn line.
+      _drop_records_after(path, start_step if truncate else None)
     self._jsonl = open(path, "a")
     if progress:
       from tqdm import tqdm  # pylint: disable=g-import-not-at-top

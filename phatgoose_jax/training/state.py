@@ -125,8 +125,9 @@ class Checkpointer:
     except (ValueError, TypeError, KeyError) as e:
       detail = " ".join(str(e).split())
       raise ResumeError(
-          f"{self.directory}: the checkpoint of step {step} does not fit this run's state "
-          f"(another LoRA rank, site pattern or mode?); use a new MODEL_DIR. Orbax: "
+          f"{self.directory}: the checkpoint of step {step} cannot be restored into this run's "
+          f"state (another LoRA rank, site pattern or mode, or a damaged checkpoint); use a new "
+          f"MODEL_DIR. Orbax: "
           f"{detail[:300]}{'...' if len(detail) > 300 else ''}") from None
     return out["state"], dict(out["meta"])
 

@@ -318,25 +318,30 @@ class Trainer:
     than a batch with remainder dropping, or an empty split): a 0 loss would win every
     best-step comparison.
     """
-    local = [self._pad_rows(dict(b), batch_size) for b in batches]
-    count = len(local)
+    local = (self._pad_rows(dict(b), batch_size) for b in batches)  # streamed on one host
+    count = None
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      target = int(np.max(multihost_utils.process_allgather(np.asarray(count, np.int32))))
-      if target > count and not local:
-        raise ValueError(f"validation: host {jax.process_index()} has no batch while others "
-                         f"have {target}; use a validation split with at least one batch per "
-                         "host")
-      local += [{k: np.zeros_like(v) for k, v in local[0].items()}] * (target - count)
+      local = list(local)
+      count = len(local)
+      counts = multihost_utils.process_allgather(np.asarray(count, np.int32))
+      if int(np.min(counts)) == 0 < int(np.max(counts)):  # every host sees it, none hangs
+        raise ValueError(f"validation: some hosts have no batch (batches per host: "
+                         f"{np.asarray(counts).tolist()}); use a validation split with at "
+                         "least one batch per host")
+      local += [{k: np.zeros_like(v) for k, v in local[0].items()}] * (int(np.max(counts))
+                                                                        - count)
     totals = {"loss_sum": 0.0, "tokens": 0.0, "correct": 0.0}
+    steps = 0
     for batch in local:
+      steps += 1
       with self._partitioning():
         out = jax.device_get(self._eval_step(state, self.base_params,
                                              self._device_batch(batch)))
       for k in totals:
         totals[k] += float(out[k])
     if totals["tokens"] <= 0:
-      raise ValueError(f"validation scored no target tokens ({count} batch(es) on this host): "
+      raise ValueError(f"validation scored no target tokens ({steps} batch(es) on this host): "
                        "the split is empty or smaller than one batch")
     n = totals["tokens"]
     return {"loss": totals["loss_sum"] / n, "accuracy": totals["correct"] / n,
@@ -385,7 +390,8 @@ class Trainer:
       model_dir: MODEL_DIR (checkpoints, logs, export).
       eval_iter_fn: returns a fresh iterable of validation batches; loss/accuracy via `evaluate`.
       eval_batch_size: rows every validation batch is padded to (`evaluate`'s ``batch_size``).
-      eval_every: validate every this many steps (plus step 0 and the last step).
+      eval_every: validate every this many steps (plus the last step, and step 0 when
+        ``validate_at_start``).
       checkpoint_every: save every this many steps (plus the last step).
       log_every: train-metrics logging period.
       best_metric / best_mode: which validation metric selects the best step ('min' or 'max').
@@ -434,7 +440,7 @@ class Trainer:
         for _ in range(consumed):
           next(train_iter)
     step = int(jax.device_get(state["step"]))
-    logger = MetricsLogger(model_dir, steps, step, progress=progress)
+    logger = MetricsLogger(model_dir, steps, step, progress=progress, truncate=True)
     if latest is not None:
       logger.message(f"resumed from {ckpt.directory}/{latest} (step {step})")
     stop = {"signal": None}

@@ -13,7 +13,7 @@ def test_resume_drops_records_after_the_restored_step(tmp_path):
       f.write(json.dumps({"step": step, "split": "train"}) + "\n")
     f.write('{"step": 5, "spl')  # killed mid-write
   log = logging_lib.MetricsLogger(str(tmp_path), 10, start_step=2, tensorboard=False,
-                                  progress=False)
+                                  progress=False, truncate=True)
   log.write(3, "train", {"loss": 1.5, "bad": float("nan")})
   log.close()
   records = [json.loads(line) for line in open(path)]
@@ -23,3 +23,22 @@ def test_resume_drops_records_after_the_restored_step(tmp_path):
                                     progress=False)  # a fresh start keeps (appends to) the file
   fresh.close()
   assert len(open(path).readlines()) == 3
+
+
+def test_fresh_start_in_an_old_model_dir_drops_old_steps_and_torn_lines(tmp_path):
+  """A run killed before its first checkpoint restarts at step 0: its old records go (except
+  step 0 ones, e.g. data statistics), and nothing is appended onto a torn line."""
+  path = os.path.join(tmp_path, logging_lib.METRICS_FILE)
+  with open(path, "w") as f:
+    f.write(json.dumps({"step": 0, "split": "data"}) + "\n")
+    f.write(json.dumps({"step": 1, "split": "train"}) + "\n")
+    f.write('{"step": 2, "sp')
+  other = logging_lib.MetricsLogger(str(tmp_path), 10, tensorboard=False, progress=False)
+  other.close()  # not the training loop: only the torn line goes
+  assert [json.loads(l)["step"] for l in open(path)] == [0, 1]
+  log = logging_lib.MetricsLogger(str(tmp_path), 10, start_step=0, tensorboard=False,
+                                  progress=False, truncate=True)
+  log.write(1, "train", {"loss": 2.0})
+  log.close()
+  assert [(r["step"], r["split"]) for r in map(json.loads, open(path))] == [(0, "data"),
+                                                                             (1, "train")]
