@@ -80,7 +80,7 @@ class MultiHeadAttention(nn.Module):
   param_dtype: Any = jnp.float32
   dropout_rate: float = 0.0
   float32_logits: bool = False
-  kernel_init: Callable = layers.default_kernel_init
+  kernel_init: Callable = layers.attention_kernel_init
 
   def _site(self, name: str, features: int, kernel_axes, kernel_init):
     spec = layers.SiteSpec(site=layers.site_name(self, name), features=features,

@@ -29,6 +29,9 @@ Initializer = Callable[..., Array]
 
 # t5x's initialisers for the T5.1.1 network (t5x/examples/t5/network.py).
 default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+# t5x's MultiHeadDotProductAttention draws q/k/v/out from a plain normal (the MLP and logits
+# from a truncated one).
+attention_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
 default_embed_init = nn.initializers.normal(stddev=1.0)
 default_relpos_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 
@@ -128,10 +131,14 @@ class Embed(nn.Module):
   def __call__(self, tokens: Array) -> Array:
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise ValueError(f"Embed expects integer token ids, got dtype {tokens.dtype}")
-    return jnp.take(jnp.asarray(self.embedding, self.dtype), tokens, axis=0)
+    # An id outside [0, V) embeds to zeros, as t5x's one-hot lookup (a plain gather gives NaN).
+    return jnp.take(jnp.asarray(self.embedding, self.dtype), tokens, axis=0, mode="fill",
+                    fill_value=0)
 
   def attend(self, query: Array) -> Array:
-    return jnp.einsum("...d,vd->...v", query, jnp.asarray(self.embedding, self.dtype))
+    """Tied logits in float32 whatever the compute dtype (t5x ``attend_dtype=jnp.float32``)."""
+    return jnp.einsum("...d,vd->...v", jnp.asarray(query, jnp.float32),
+                      jnp.asarray(self.embedding, jnp.float32))
 
 
 def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool,

@@ -20,7 +20,14 @@ Array = jax.Array
 def token_log_likelihood(logits: Array, targets: Array) -> Array:
   """logits [B, T, V], targets [B, T] -> log p(target) [B, T], in float32."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return jnp.take_along_axis(logp, _valid_ids(targets, logits.shape[-1])[..., None],
+                             axis=-1)[..., 0]
+
+
+def _valid_ids(targets: Array, vocab: int) -> Array:
+  """Target ids clipped into [0, V): a masked placeholder such as HF's -100 then reads a finite
+  value that its zero weight removes (an out-of-range gather reads NaN, and NaN * 0 = NaN)."""
+  return jnp.clip(targets.astype(jnp.int32), 0, vocab - 1)
 
 
 def sequence_scores(logits: Array, targets: Array, weights: Optional[Array] = None) -> dict:
@@ -36,7 +43,7 @@ def sequence_scores(logits: Array, targets: Array, weights: Optional[Array] = No
   if weights is None:
     weights = targets > 0
   weights = weights.astype(jnp.float32)
-  ll = token_log_likelihood(logits, targets) * weights  # [B, T]
+  ll = jnp.where(weights > 0, token_log_likelihood(logits, targets), 0.0) * weights  # [B, T]
   total = ll.sum(-1)
   length = weights.sum(-1)
   return {"sum": total, "mean": total / jnp.maximum(length, 1.0), "length": length}
@@ -61,8 +68,10 @@ def cross_entropy_loss(logits: Array, targets: Array, weights: Array,
   """
   logits = logits.astype(jnp.float32)
   log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
-  ll = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0] - log_z
+  ll = jnp.take_along_axis(logits, _valid_ids(targets, logits.shape[-1])[..., None],
+                           axis=-1)[..., 0] - log_z
   weights = weights.astype(jnp.float32)
+  ll = jnp.where(weights > 0, ll, 0.0)
   loss = -(ll * weights).sum()
   if z_loss:
     loss = loss + z_loss * (jnp.square(log_z) * weights).sum()

@@ -151,7 +151,8 @@ class Encoder(nn.Module):
         x = EncoderLayer(cfg, rel_emb, self.site_factory, name=f"layers_{i}")(
             x, encoder_mask, enable_dropout=enable_dropout, site_inputs=site_inputs)
     x = _norm(cfg, "encoder_norm")(x)
-    return _dropout(cfg)(x, deterministic=not enable_dropout)
+    # t5x: the encoder output's dropout is not broadcast over length (the others are).
+    return nn.Dropout(rate=cfg.dropout_rate)(x, deterministic=not enable_dropout)
 
 
 class Decoder(nn.Module):
@@ -247,6 +248,12 @@ class Transformer(nn.Module):
           if decoder_segment_ids is not None else None, dtype=dtype)
       encoder_decoder_mask = attn.make_attention_mask(decoder_target_tokens > 0,
                                                       encoder_input_tokens > 0, dtype)
+    if encoder_segment_ids is not None and decode:
+      raise ValueError("Transformer.decode: packed inputs (encoder_segment_ids) cannot be "
+                       "decoded incrementally (decode=True), as in t5x")
+    if encoder_segment_ids is not None and decoder_segment_ids is None:
+      raise ValueError("Transformer.decode: encoder_segment_ids need decoder_segment_ids (without "
+                       "them packed examples would attend across each other)")
     if encoder_segment_ids is not None and decoder_segment_ids is not None and not decode:
       encoder_decoder_mask = attn.combine_masks(
           encoder_decoder_mask, _segment_mask(decoder_segment_ids, encoder_segment_ids),
