@@ -7,7 +7,7 @@ K experts kept per token, R LoRA rank.
 of the site input ``u`` (Muqeeth et al., ICML 2024, sec. 3: tokenwise top-k routing at every
 site). The module owns the parameters; the routing decision and the routed product are the
 pure functions of `phatgoose_jax.routing`. Each site routes the tokens it sees: encoder sites and
-cross-attention key/value route encoder tokens (computed once per sequence in cached decoding,
+cross-attention key/value route encoder tokens (once per sequence when `init_cache` fills the cache,
 since the model caches the projected keys/values), decoder self-attention, FFN and
 cross-attention query/out route decoder tokens (one new token per cached decoding step).
 
