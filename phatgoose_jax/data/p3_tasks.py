@@ -55,6 +55,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import gin
 import numpy as np
 
+from phatgoose_jax.data import preprocessors as prep
 from phatgoose_jax.data.catalog import p3 as p3_catalog
 
 SOURCE_KINDS = ("tfrecord", "jsonl", "parquet", "hf")
@@ -296,9 +297,57 @@ def sample_rows(ds, k: int, seed_text: str, count_key: Optional[Any] = None):
           .map(lambda _, ex: ex))
 
 
+def eval_templates(spec: p3_catalog.DatasetSpec) -> tuple[str, ...]:
+  """The templates a dataset's validation reads: the original-task ones (all of them where the
+  official eval uses all, or where they were not collected), minus the eval-only ignores."""
+  base = (spec.templates if spec.eval_all_templates or not spec.original_task_templates
+          else spec.original_task_templates)
+  drop = set(spec.eval_ignored_templates)
+  return tuple(t for t in dataset_templates(spec) if t in set(base) and t not in drop) or tuple(
+      t for t in dataset_templates(spec) if t not in drop)
+
+
+def _validation_rows(reader: P3Reader, spec: p3_catalog.DatasetSpec):
+  """The validation split of a P3 expert task: the catalog's eval split (e.g. ag_news 'test').
+
+  'mc' datasets: P3's ``<template>_score_eval`` rows (one per (example, choice), ``idx``,
+  ``is_correct``), the group index rewritten to example * num_templates + template as the T0
+  held-out tasks, at most ``eval_max_examples`` examples per template (the first ones; the
+  official code draws them at random). 'gen' datasets: the plain rows of those templates.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  configs = eval_templates(spec)
+  n = len(configs)
+  cap = spec.eval_max_examples
+  parts = []
+  for t, config in enumerate(configs):
+    if spec.eval_interface == "mc":
+      ds = reader.dataset(config + "_score_eval", spec.eval_split, score_eval=True)
+      if cap is not None:
+        ds = ds.filter(lambda ex: ex["idx"][0] < cap)
+
+      def fn(ex, t=t):
+        idx = ex["idx"]
+        return {"inputs": ex["inputs_pretokenized"],
+                "targets": tf.strings.strip(ex["targets_pretokenized"]),
+                "idx": tf.stack([idx[0] * n + t, idx[1]]), "is_correct": ex["is_correct"]}
+    else:
+      ds = reader.dataset(config, spec.eval_split)
+      if cap is not None:
+        ds = ds.take(cap)
+
+      def fn(ex):
+        return {"inputs": ex["inputs_pretokenized"], "targets": ex["targets_pretokenized"]}
+    parts.append(ds.map(fn))
+  ds = parts[0]
+  for part in parts[1:]:
+    ds = ds.concatenate(part)
+  return ds
+
+
 def templates_source(reader: P3Reader, configs: Sequence[str],
                      cap: Optional[int] = None, splits: Sequence[str] = SPLITS,
-                     name: str = "p3"):
+                     name: str = "p3", eval_spec: Optional[p3_catalog.DatasetSpec] = None):
   """seqio source of text rows {inputs, targets, answer_choices} over configs.
 
   Args:
@@ -308,11 +357,15 @@ def templates_source(reader: P3Reader, configs: Sequence[str],
       a seeded uniform sample of its rows (`sample_rows`).
     splits: the declared splits.
     name: used in error messages.
+    eval_spec: with it, split "validation" reads the dataset's evaluation rows
+      (`_validation_rows`), which the task's metric scores.
   """
   import seqio  # pylint: disable=g-import-not-at-top
 
   def dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None):
     del shuffle_files, seed  # Deterministic order; seqio shuffles rows.
+    if eval_spec is not None and split == "validation":
+      return _validation_rows(reader, eval_spec)
     names = list(configs() if callable(configs) else configs)
     if not names:
       raise P3DataError(f"{name}: no P3 template config to read")
@@ -350,6 +403,23 @@ def text_preprocessors():
   """
   import seqio  # pylint: disable=g-import-not-at-top
   return [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim]
+
+
+def validation_metrics(spec: p3_catalog.DatasetSpec) -> dict:
+  """``metric_fns`` / ``postprocess_fn`` of a P3 expert task's validation split: rank
+  classification accuracy ('mc'), ROUGE where the official metric list has it, else exact
+  match (the official SQuAD EM/F1 and BLEU are not computed; documented in docs/datasets.md)."""
+  from phatgoose_jax.data import rouge as rouge_lib  # pylint: disable=g-import-not-at-top
+  if spec.eval_interface == "mc":
+    return dict(metric_fns=[prep.rank_classification_accuracy],
+                postprocess_fn=prep.rank_classification_postprocessor)
+  metric = rouge_lib.rouge if "rouge" in spec.eval_metrics else prep.exact_match_accuracy
+  return dict(metric_fns=[metric], postprocess_fn=_text_postprocessor)
+
+
+def _text_postprocessor(output, example=None, is_target=False):
+  del example, is_target
+  return output.decode("utf-8") if isinstance(output, bytes) else str(output)
 
 
 def add_task(name: str, source, vocabulary, metric_fns=(), postprocess_fn=None,
@@ -432,8 +502,8 @@ def register_p3_tasks(vocabulary=gin.REQUIRED, source: str = "tfrecord",
   for spec in p3_catalog.P3_DATASETS:
     name = add_task(task_name(spec.key, prefix),
                     templates_source(reader, dataset_templates(spec), cap,
-                                     name=f"P3 dataset {spec.key!r}"),
-                    vocabulary)
+                                     name=f"P3 dataset {spec.key!r}", eval_spec=spec),
+                    vocabulary, **validation_metrics(spec))
     names.append(name)
     rates.append((name, functools.partial(
         _t0_rate, reader=reader, spec=spec,

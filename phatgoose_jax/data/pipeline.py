@@ -166,6 +166,8 @@ def get_dataset(mixture_or_task_name: str,
         num_epochs=num_epochs, shard_info=seqio.ShardInfo(index=shard_id, num_shards=num_shards),
         seed=seed)
     ds = ds.filter(_tf_non_empty)
+    if "is_correct" in ds.element_spec:  # rank-classification rows: teacher-force the answers
+      ds = ds.filter(lambda ex: ex["is_correct"])
     ds = converter(ds, lengths)
     return ds.batch(batch_size, drop_remainder=drop_remainder)
 

@@ -17,6 +17,8 @@ from phatgoose_jax import gin_utils
 from phatgoose_jax.data import bigbench_tasks
 from phatgoose_jax.data import flan_tasks
 from phatgoose_jax.data import p3_tasks
+from phatgoose_jax.data import pipeline
+from phatgoose_jax.data import preprocessors as prep
 from phatgoose_jax.data import registry
 from phatgoose_jax.data import rouge
 from phatgoose_jax.data import t0_tasks
@@ -101,14 +103,47 @@ def test_p3_family(vocabulary):
   assert picked == list(p3_tasks.sample_rows(rows, 50, "cfg").as_numpy_iterator())  # seeded
   assert picked != list(p3_tasks.sample_rows(rows, 50, "other").as_numpy_iterator())
   assert list(p3_tasks.sample_rows(rows.take(5), 50, "cfg").as_numpy_iterator()) == list(range(5))
-  # JSONL export of quarel (5 templates): 10 train rows, 5 validation rows.
+  # JSONL export of quarel (5 templates): 10 train rows. Its validation split is the eval rows
+  # (the _score_eval configs, see the next test), which this export lacks.
   p3_tasks.register_p3_tasks(vocabulary, source="jsonl", data_dir=str(DATA))
   assert len(_read("p3_quarel", "train", vocabulary)) == 10
-  val = _read("p3_quarel", "validation", vocabulary)
-  assert len(val) == 5 and _text(vocabulary, val[0]["targets"]) == "glass"
+  with pytest.raises(Exception, match="quarel_choose_between_score_eval"):
+    _read("p3_quarel", "validation", vocabulary)
   assert p3_tasks.dataset_templates(p3_catalog.p3_dataset("trec"))  # TREC reads P3 configs.
   with pytest.raises(p3_tasks.P3DataError, match="p3_dir"):
     p3_tasks.register_p3_tasks(vocabulary, source="tfrecord")
+
+
+def test_p3_expert_validation_reads_the_eval_split_and_scores_it(vocabulary, tmp_path):
+  """An expert's validation split reads its catalog eval rows (quarel: every template's
+  _score_eval rows, grouped per (example, template)) and has a metric, so VALIDATION='task'
+  works; token validation teacher-forces only the correct choices."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  data = tmp_path / "data"
+  shutil.copytree(DATA, data)
+  spec = {d.key: d for d in p3_catalog.P3_DATASETS}["quarel"]
+  for t, config in enumerate(p3_tasks.eval_templates(spec)):
+    d = data / "p3" / (config + "_score_eval")
+    d.mkdir(parents=True)
+    rows = [{"inputs_pretokenized": f"q{e} t{t}", "targets_pretokenized": c,
+             "answer_choices": ["glass", "wood"], "idx": [e, i], "is_correct": c == "glass",
+             "weight": 1.0} for e in range(3) for i, c in enumerate(["glass", "wood"])]
+    (d / "validation.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  p3_tasks.register_p3_tasks(vocabulary, source="jsonl", data_dir=str(data))
+  task = seqio.get_mixture_or_task("p3_quarel")
+  assert task.metric_fns == [prep.rank_classification_accuracy]
+  val = _read("p3_quarel", "validation", vocabulary)
+  n = len(p3_tasks.eval_templates(spec))
+  assert len(val) == 3 * 2 * n
+  groups = {int(r["idx"][0]) for r in val}
+  assert groups == set(range(3 * n))  # (example, template) pairs are distinct groups
+  token = list(pipeline.get_dataset("p3_quarel", {"inputs": 16, "targets": 4}, "validation",
+                                    batch_size=3 * n, shuffle=False, num_epochs=1,
+                                    drop_remainder=False))
+  assert sum(len(b["decoder_target_tokens"]) for b in token) == 3 * n  # correct rows only
+  # a generative dataset scores with ROUGE or exact match, a choice dataset by rank
+  xsum = {d.key: d for d in p3_catalog.P3_DATASETS}["xsum"]
+  assert p3_tasks.validation_metrics(xsum)["metric_fns"][0].__name__ == "rouge"
 
 
 def test_t0_heldout_family(vocabulary):
