@@ -88,6 +88,9 @@ def _normalize_row(row: Mapping[str, Any], score_eval: bool,
   for k in ("inputs_pretokenized", "targets_pretokenized"):
     if k not in row:
       raise P3DataError(f"{where}: row has no field {k!r} (has {sorted(row)})")
+  for k in ("inputs_pretokenized", "targets_pretokenized"):
+    if not isinstance(row[k], (str, bytes)):
+      raise P3DataError(f"{where}: field {k!r} must be a string, got {row[k]!r}")
   out = {"inputs_pretokenized": _as_str(row["inputs_pretokenized"]),
          "targets_pretokenized": _as_str(row["targets_pretokenized"]),
          "answer_choices": [_as_str(c) for c in (row.get("answer_choices") or [])]}
@@ -99,6 +102,9 @@ def _normalize_row(row: Mapping[str, Any], score_eval: bool,
     if len(idx) != 2:
       raise P3DataError(f"{where}: field 'idx' must have 2 entries, got {idx}")
     out["idx"] = idx
+    if not isinstance(row["is_correct"], (bool, np.bool_)) and row["is_correct"] not in (0, 1):
+      raise P3DataError(f"{where}: field 'is_correct' must be a boolean, got "
+                        f"{row['is_correct']!r}")  # bool("false") would be True
     out["is_correct"] = bool(row["is_correct"])
     out["weight"] = float(row.get("weight", 1.0))
   return out

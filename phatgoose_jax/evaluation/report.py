@@ -61,7 +61,11 @@ def _json_default(x: Any) -> Any:
 
 
 def _finite(x: Any) -> Any:
-  """NaN/inf -> None so the JSON stays standard."""
+  """NaN/inf -> None so the JSON stays standard (numpy scalars and arrays included)."""
+  if isinstance(x, np.generic):
+    x = x.item()
+  elif isinstance(x, np.ndarray):
+    x = x.tolist()
   if isinstance(x, float) and not math.isfinite(x):
     return None
   if isinstance(x, dict):

@@ -7,7 +7,10 @@ Letters used in shape comments:
 
 Several backends compute the same function with different cost profiles; all are jittable,
 differentiable w.r.t. ``x``, ``lora_a``, ``lora_b`` and ``routing.weights`` and accept any
-leading dims:
+leading dims. ``cpu_kernel`` (and so ``auto`` on one CPU device, as the native router of
+`phatgoose_route`) supports reverse mode (``jax.grad``, first order) through a ``custom_vjp``:
+forward-mode (``jax.jvp``) and second derivatives need ``oracle``, ``dense``, ``gather`` or
+``sorted`` (or ``PHATGOOSE_JAX_CPU_KERNEL=0``):
 
   * ``oracle``: loop over experts, dense [T] mask per expert. E full LoRA passes. The reference.
   * ``dense``: dense-concat. ``h = x @ A_cat [D, E*R]``, scale each expert's R columns by that
@@ -338,6 +341,9 @@ def routed_lora(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array, routing: Rou
   if add_to is not None and tuple(jnp.shape(add_to)) != out_shape:
     raise RoutingError(f"routed_lora: add_to shape {tuple(jnp.shape(add_to))} must be "
                        f"{out_shape}")
+  if num_tokens * top_k == 0:  # nothing routed (shapes are static): every backend agrees
+    out = jnp.zeros(out_shape, x.dtype)
+    return out if add_to is None else jnp.asarray(add_to).astype(x.dtype)
   if backend == "auto":
     backend = auto_backend(num_tokens, dim_in, num_experts, rank, top_k, x.dtype)
   scale_vec = _expert_scale(scale, num_experts)  # [E] float32 (float64 under x64)

@@ -60,6 +60,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from phatgoose_jax import fileperm
 from phatgoose_jax.routing.types import RoutingError
 
 _KERNELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
@@ -70,8 +71,11 @@ _TARGET = "phatgoose_routed_lora_f32"
 _SYMBOL = "PhatgooseRoutedLoraF32"
 _TOPK_TARGET = "phatgoose_top_k_softmax_f32"
 _TOPK_SYMBOL = "PhatgooseTopKSoftmaxF32"
-_FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC",
-          "-w")
+# -mprefer-vector-width is an x86 option (512-bit vectors where AVX-512 exists); other hosts
+# (ARM) build with -march=native alone.
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+_FLAGS = ("-O3", "-march=native", *(("-mprefer-vector-width=512",) if _X86 else ()),
+          "-std=c++17", "-shared", "-fPIC", "-w")
 ENV_ENABLE = "PHATGOOSE_JAX_CPU_KERNEL"
 ENV_CACHE = "PHATGOOSE_JAX_KERNEL_CACHE"
 
@@ -106,6 +110,14 @@ def _cpu_identity() -> str:
   return ident
 
 
+def _jaxlib_version() -> str:
+  try:
+    import jaxlib  # pylint: disable=g-import-not-at-top
+    return str(getattr(jaxlib, "__version__", ""))
+  except ImportError:  # pragma: no cover
+    return ""
+
+
 def _build(compiler: str) -> str:
   """Compiles the kernel (or finds it in the cache); returns the shared library's path."""
   source = b""
@@ -115,7 +127,8 @@ def _build(compiler: str) -> str:
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                            timeout=60).stdout.splitlines()[:1]
   key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), str(version).encode(),
-                                   jax.__version__.encode(), jax.ffi.include_dir().encode(),
+                                   jax.__version__.encode(), _jaxlib_version().encode(),
+                                   jax.ffi.include_dir().encode(),
                                    _cpu_identity().encode()])).hexdigest()[:16]
   out_dir = cache_dir()
   path = os.path.join(out_dir, f"routed_lora_cpu-{key}.so")
@@ -130,6 +143,9 @@ def _build(compiler: str) -> str:
     if proc.returncode != 0:
       raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): "
                          f"{proc.stderr.strip()[-2000:]}")
+    with open(tmp, "rb") as f:
+      os.fsync(f.fileno())  # the bytes are on disk before the name is published
+    os.chmod(tmp, 0o755 & ~fileperm.current_umask())  # loadable by the cache's other users
     os.replace(tmp, path)  # atomic: other processes see no library or a whole one
   finally:
     if os.path.exists(tmp):
@@ -151,7 +167,12 @@ def _load() -> bool:
       return False
     try:
       path = _build(compiler)
-      lib = ctypes.cdll.LoadLibrary(path)
+      try:
+        lib = ctypes.cdll.LoadLibrary(path)
+      except OSError:  # a damaged cached library (e.g. truncated by a full disk): rebuild once
+        os.remove(path)
+        path = _build(compiler)
+        lib = ctypes.cdll.LoadLibrary(path)
       jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(getattr(lib, _SYMBOL)),
                                   platform="cpu")
       jax.ffi.register_ffi_target(_TOPK_TARGET, jax.ffi.pycapsule(getattr(lib, _TOPK_SYMBOL)),

@@ -139,3 +139,16 @@ def test_hf_source_is_lazy_and_explains_missing_package():
       next(src._read("validation"))
   else:
     pytest.skip("datasets is installed; the no-network load is not exercised")
+
+
+def test_p3_rows_with_wrongly_typed_fields_are_refused():
+  """A hand-made export with is_correct "false" (bool("false") is True) or a null input is a
+  named error, not a silently wrong row."""
+  from phatgoose_jax.data import p3_tasks  # pylint: disable=g-import-not-at-top
+  good = {"inputs_pretokenized": "a", "targets_pretokenized": "b", "idx": [0, 0],
+          "is_correct": True}
+  assert p3_tasks._normalize_row(good, True, "w")["is_correct"] is True  # pylint: disable=protected-access
+  for bad, field in ((dict(good, is_correct="false"), "is_correct"),
+                     (dict(good, inputs_pretokenized=None), "inputs_pretokenized")):
+    with pytest.raises(p3_tasks.P3DataError, match=field):
+      p3_tasks._normalize_row(bad, True, "w")  # pylint: disable=protected-access

@@ -31,6 +31,14 @@ def test_write_report_tables(tmp_path):
     report.write_report(str(tmp_path / "x"), [{"method": "m", "task": "t"}])
 
 
+def test_numpy_nan_and_inf_are_written_as_null(tmp_path):
+  rows = [{"method": "m", "task": "t", "score": 50.0, "extra": np.array([1.0, np.nan]),
+           "other": np.float32(np.inf)}]
+  paths = report.write_report(str(tmp_path / "run"), rows)
+  data = json.loads(open(paths["results"]).read())
+  assert data["rows"][0]["extra"] == [1.0, None] and data["rows"][0]["other"] is None
+
+
 def test_routing_statistics_by_hand():
   idx = np.asarray([[[0, 1], [2, 0], [2, 1]]])  # [B=1, L=3, K=2]
   w = np.asarray([[[0.75, 0.25], [0.5, 0.5], [0.9, 0.1]]])

@@ -297,3 +297,15 @@ def test_eager_calls_compile_one_program_per_backend_and_options():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
   info = bk._jitted_impl.cache_info()
   assert (info.misses, info.hits) == (1, 1)  # built on the first call, reused on the second
+
+
+@pytest.mark.parametrize("backend", ["oracle", "dense", "gather", "sorted", "chunked_gather",
+                                     "cpu_kernel", "auto"])
+def test_no_tokens_gives_an_empty_output_and_zero_gradients(backend):
+  x = jnp.zeros((2, 0, D))
+  a = jnp.ones((E, D, R))
+  b = jnp.ones((E, R, F))
+  r = rt.Routing(jnp.zeros((2, 0, K), jnp.int32), jnp.zeros((2, 0, K)))
+  assert rt.routed_lora(x, a, b, r, 1.0, backend=backend).shape == (2, 0, F)
+  g = jax.grad(lambda a: rt.routed_lora(x, a, b, r, 1.0, backend=backend).sum())(a)
+  assert float(jnp.abs(g).sum()) == 0.0
