@@ -19,7 +19,6 @@ stopped by SIGTERM/SIGINT after saving a checkpoint.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import sys
@@ -50,7 +49,6 @@ VALIDATION_DEFAULTS = {"token": ("loss", "min"), "task": ("average_score", "max"
 def _load_expert_into(adapters: Mapping[str, Any], expert_path: str) -> tuple:
   """Overwrites the lora_a / lora_b leaves of ``adapters`` with an exported expert's."""
   loaded, meta = state_lib.load_exported_adapters(expert_path)
-  state_lib.require_complete_export(meta, expert_path)
   flat, src = state_lib.flatten(adapters), state_lib.flatten(loaded)
   extra = sorted(k for k in src if k.rsplit("/", 1)[-1] in ("lora_a", "lora_b") and k not in flat)
   if extra:
@@ -107,7 +105,7 @@ def _check_paths_and_periods(model_dir: Any, initial_checkpoint_path: Any,
   if os.path.exists(model_dir) and not os.path.isdir(model_dir):
     raise ValueError(f"MODEL_DIR {model_dir} exists and is not a directory")
   for name, value in periods.items():
-    optional = name != "log_every"  # eval_every=None: only the last step; log_every is needed
+    optional = name != "log_every"  # eval/checkpoint_every=None: the last step only
     if (value is None and not optional) or (value is not None and (
         isinstance(value, bool) or not isinstance(value, int) or value < 1)):
       raise ValueError(f"train.{name} must be a positive int{' or None' if optional else ''}, "
@@ -115,7 +113,7 @@ def _check_paths_and_periods(model_dir: Any, initial_checkpoint_path: Any,
 
 
 def _check_arguments(task_feature_lengths: Any, batch_size: Any, train_steps: Any,
-                     learning_rate: Any, checkpoint_every: Any) -> None:
+                     learning_rate: Any) -> None:
   """Refuses bad TASK_FEATURE_LENGTHS / BATCH_SIZE / TRAIN_STEPS / LEARNING_RATE up front."""
   if not isinstance(task_feature_lengths, Mapping) or set(task_feature_lengths) != {
       "inputs", "targets"}:
@@ -131,11 +129,6 @@ def _check_arguments(task_feature_lengths: Any, batch_size: Any, train_steps: An
       not np.isfinite(learning_rate) or learning_rate <= 0):
     raise ValueError(f"train.learning_rate (LEARNING_RATE) must be a finite positive number, "
                      f"got {learning_rate!r}")
-  if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or
-                                       not isinstance(checkpoint_every, int) or
-                                       checkpoint_every < 1):
-    raise ValueError(f"train.checkpoint_every must be a positive int or None, got "
-                     f"{checkpoint_every!r}")
 
 
 @gin.configurable(module="phatgoose_jax.train")
@@ -192,10 +185,9 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
   best_metric, best_mode = best_selection(validation, best_metric, best_mode)
   if mode == "gated_lora" and not expert_path:
     raise ValueError("train.expert_path is required for gate training (mode='gated_lora')")
-  _check_arguments(task_feature_lengths, batch_size, train_steps, learning_rate,
-                   checkpoint_every)
+  _check_arguments(task_feature_lengths, batch_size, train_steps, learning_rate)
   _check_paths_and_periods(model_dir, initial_checkpoint_path, eval_every=eval_every,
-                           log_every=log_every)
+                           log_every=log_every, checkpoint_every=checkpoint_every)
   if batch_size % jax.process_count():
     raise ValueError(f"BATCH_SIZE={batch_size} must be divisible by the number of hosts "
                      f"({jax.process_count()})")
@@ -209,13 +201,10 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
   expert_file = None
   if mode == "gated_lora":  # a missing or mismatched expert fails before loading the base
     expert_file = os.path.realpath(state_lib.resolve_export(expert_path))
-    meta_path = os.path.join(os.path.dirname(expert_file), state_lib.EXPORT_METADATA)
-    if os.path.isfile(meta_path):
-      with open(meta_path) as f:
-        early_meta = json.load(f)
-      state_lib.require_complete_export(early_meta, expert_path)
-      acfg_early = adapter_config or adapters_lib.AdapterConfig()
-      _check_expert_matches(early_meta, expert_path, acfg_early, None)
+    early_meta = state_lib.read_export_metadata(expert_path)
+    state_lib.require_complete_export(early_meta, expert_path)
+    _check_expert_matches(early_meta, expert_path,
+                          adapter_config or adapters_lib.AdapterConfig(), None)
 
   overrides = {} if dropout_rate is None else {"dropout_rate": dropout_rate}
   config, params = checkpoints.load_checkpoint(initial_checkpoint_path, model_config,

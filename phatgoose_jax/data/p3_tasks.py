@@ -313,38 +313,51 @@ def eval_templates(spec: p3_catalog.DatasetSpec) -> tuple[str, ...]:
       t for t in dataset_templates(spec) if t not in drop)
 
 
+def score_eval_rows(reader: P3Reader, configs: Sequence[str], split: str,
+                    max_examples: Optional[int] = None, template_field: bool = False):
+  """P3 ``_score_eval`` rows of several template configs, concatenated: one row per (example,
+  choice) with ``idx`` = [example * num_templates + template, choice] (distinct groups per
+  (example, template)), ``is_correct`` and stripped targets; at most ``max_examples`` examples
+  per template (the first ones); ``template`` (int32) added with ``template_field``."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  n = len(configs)
+  parts = []
+  for t, config in enumerate(configs):
+    ds = reader.dataset(config, split, score_eval=True)
+    if max_examples is not None:
+      ds = ds.filter(lambda ex: ex["idx"][0] < max_examples)
+
+    def fn(ex, t=t):
+      idx = ex["idx"]
+      row = {"inputs": ex["inputs_pretokenized"],
+             "targets": tf.strings.strip(ex["targets_pretokenized"]),
+             "idx": tf.stack([idx[0] * n + t, idx[1]]), "is_correct": ex["is_correct"]}
+      if template_field:
+        row["template"] = tf.constant(t, tf.int32)
+      return row
+    parts.append(ds.map(fn))
+  ds = parts[0]
+  for part in parts[1:]:
+    ds = ds.concatenate(part)
+  return ds
+
+
 def _validation_rows(reader: P3Reader, spec: p3_catalog.DatasetSpec):
   """The validation split of a P3 expert task: the catalog's eval split (e.g. ag_news 'test').
 
-  'mc' datasets: P3's ``<template>_score_eval`` rows (one per (example, choice), ``idx``,
-  ``is_correct``), the group index rewritten to example * num_templates + template as the T0
-  held-out tasks, at most ``eval_max_examples`` examples per template (the first ones; the
-  official code draws them at random). 'gen' datasets: the plain rows of those templates.
+  'mc' datasets: P3's ``<template>_score_eval`` rows (`score_eval_rows`, as the T0 held-out
+  tasks), at most ``eval_max_examples`` examples per template (the first ones; the official
+  code draws them at random). 'gen' datasets: the plain rows of those templates.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   configs = eval_templates(spec)
-  n = len(configs)
   cap = spec.eval_max_examples
+  if spec.eval_interface == "mc":
+    return score_eval_rows(reader, [c + "_score_eval" for c in configs], spec.eval_split, cap)
   parts = []
-  for t, config in enumerate(configs):
-    if spec.eval_interface == "mc":
-      ds = reader.dataset(config + "_score_eval", spec.eval_split, score_eval=True)
-      if cap is not None:
-        ds = ds.filter(lambda ex: ex["idx"][0] < cap)
-
-      def fn(ex, t=t):
-        idx = ex["idx"]
-        return {"inputs": ex["inputs_pretokenized"],
-                "targets": tf.strings.strip(ex["targets_pretokenized"]),
-                "idx": tf.stack([idx[0] * n + t, idx[1]]), "is_correct": ex["is_correct"]}
-    else:
-      ds = reader.dataset(config, spec.eval_split)
-      if cap is not None:
-        ds = ds.take(cap)
-
-      def fn(ex):
-        return {"inputs": ex["inputs_pretokenized"], "targets": ex["targets_pretokenized"]}
-    parts.append(ds.map(fn))
+  for config in configs:
+    ds = reader.dataset(config, spec.eval_split)
+    parts.append((ds.take(cap) if cap is not None else ds).map(
+        lambda ex: {"inputs": ex["inputs_pretokenized"], "targets": ex["targets_pretokenized"]}))
   ds = parts[0]
   for part in parts[1:]:
     ds = ds.concatenate(part)

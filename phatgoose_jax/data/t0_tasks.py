@@ -55,31 +55,13 @@ def p3_split(spec: catalog.HeldoutSpec) -> str:
 def heldout_source(reader: p3_tasks.P3Reader, spec: catalog.HeldoutSpec):
   """seqio source of score-eval rows of every template of one evaluation."""
   import seqio  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   configs = spec.score_eval_configs
-  n = len(configs)
 
   def dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None):
     del shuffle_files, seed
     if split != EVAL_SPLIT:
       raise HeldoutDataError(f"{spec.key}: only split {EVAL_SPLIT!r} exists")
-    parts = []
-    for t, config in enumerate(configs):
-      ds = reader.dataset(config, p3_split(spec), score_eval=True)
-
-      def fn(ex, t=t):
-        idx = ex["idx"]
-        group = idx[0] * n + t
-        return {"inputs": ex["inputs_pretokenized"],
-                "targets": tf.strings.strip(ex["targets_pretokenized"]),
-                "idx": tf.stack([group, idx[1]]),
-                "is_correct": ex["is_correct"],
-                "template": tf.constant(t, tf.int32)}
-      parts.append(ds.map(fn))
-    ds = parts[0]
-    for p in parts[1:]:
-      ds = ds.concatenate(p)
-    return ds
+    return p3_tasks.score_eval_rows(reader, configs, p3_split(spec), template_field=True)
   return seqio.FunctionDataSource(dataset_fn, splits=[EVAL_SPLIT])
 
 

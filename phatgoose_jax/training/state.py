@@ -253,6 +253,21 @@ def require_complete_export(meta: Mapping[str, Any], path: str) -> None:
                       f"{meta.get('step')} so far); resume the run to its last step first")
 
 
+def read_export_metadata(path: str) -> dict:
+  """The ``metadata.json`` beside an export's weights ({} when absent), without the weights."""
+  meta_path = os.path.join(os.path.dirname(resolve_export(path)), EXPORT_METADATA)
+  if not os.path.isfile(meta_path):
+    return {}
+  try:
+    with open(meta_path) as f:
+      meta = json.load(f)
+  except ValueError as e:
+    raise ExportError(f"{meta_path} is not valid JSON: {e}") from e
+  if not isinstance(meta, dict):
+    raise ExportError(f"{meta_path} must hold a JSON object")
+  return meta
+
+
 def load_exported_adapters(path: str) -> Tuple[dict, dict]:
   """Reads an export: returns (nested adapters dict of numpy arrays, metadata dict or {})."""
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
@@ -261,11 +276,7 @@ def load_exported_adapters(path: str) -> Tuple[dict, dict]:
     flat = load_file(weights)
   except Exception as e:  # safetensors raises its own error types.
     raise ExportError(f"{weights} is not a readable safetensors file: {e}") from e
-  meta_path = os.path.join(os.path.dirname(weights), EXPORT_METADATA)
-  meta = {}
-  if os.path.isfile(meta_path):
-    with open(meta_path) as f:
-      meta = json.load(f)
+  meta = read_export_metadata(weights)
   bad = [k for k in flat if "/" not in k]
   if bad:
     raise ExportError(f"{weights}: keys must be '<site>/<leaf>', got {bad[:3]}")

@@ -161,3 +161,16 @@ def test_fit_validates_at_step_zero_selects_best_and_exports(lora_setup, tmp_pat
   lines = [json.loads(l) for l in open(os.path.join(tmp_path, "metrics.jsonl"))]
   assert [l["step"] for l in lines if l["split"] == "eval"] == [0, 2, 4, 6]
   assert os.path.isdir(os.path.join(tmp_path, "tensorboard", "train"))
+
+
+def test_read_export_metadata_without_the_weights(tmp_path):
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  export = tmp_path / state_lib.EXPORT_DIR
+  export.mkdir()
+  save_file({"site/lora_a": np.zeros((2, 1), np.float32)}, str(export / state_lib.EXPORT_WEIGHTS))
+  assert state_lib.read_export_metadata(str(tmp_path)) == {}
+  (export / state_lib.EXPORT_METADATA).write_text('{"rank": 1, "complete": false}')
+  assert state_lib.read_export_metadata(str(tmp_path)) == {"rank": 1, "complete": False}
+  (export / state_lib.EXPORT_METADATA).write_text("[1")
+  with pytest.raises(state_lib.ExportError, match="not valid JSON"):
+    state_lib.read_export_metadata(str(tmp_path))
