@@ -319,7 +319,6 @@ class Trainer:
     best-step comparison.
     """
     local = (self._pad_rows(dict(b), batch_size) for b in batches)  # streamed on one host
-    count = None
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       local = list(local)
