@@ -313,6 +313,11 @@ def eval_templates(spec: p3_catalog.DatasetSpec) -> tuple[str, ...]:
       t for t in dataset_templates(spec) if t not in drop)
 
 
+def _concatenate(parts):
+  """The datasets one after the other (templates in order)."""
+  return functools.reduce(lambda a, b: a.concatenate(b), parts)
+
+
 def score_eval_rows(reader: P3Reader, configs: Sequence[str], split: str,
                     max_examples: Optional[int] = None, template_field: bool = False):
   """P3 ``_score_eval`` rows of several template configs, concatenated: one row per (example,
@@ -336,10 +341,7 @@ def score_eval_rows(reader: P3Reader, configs: Sequence[str], split: str,
         row["template"] = tf.constant(t, tf.int32)
       return row
     parts.append(ds.map(fn))
-  ds = parts[0]
-  for part in parts[1:]:
-    ds = ds.concatenate(part)
-  return ds
+  return _concatenate(parts)
 
 
 def _validation_rows(reader: P3Reader, spec: p3_catalog.DatasetSpec):
@@ -358,10 +360,7 @@ def _validation_rows(reader: P3Reader, spec: p3_catalog.DatasetSpec):
     ds = reader.dataset(config, spec.eval_split)
     parts.append((ds.take(cap) if cap is not None else ds).map(
         lambda ex: {"inputs": ex["inputs_pretokenized"], "targets": ex["targets_pretokenized"]}))
-  ds = parts[0]
-  for part in parts[1:]:
-    ds = ds.concatenate(part)
-  return ds
+  return _concatenate(parts)
 
 
 def templates_source(reader: P3Reader, configs: Sequence[str],

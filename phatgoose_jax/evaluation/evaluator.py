@@ -177,12 +177,16 @@ def run_seqio_evaluation(mixture_or_task_name: str, model: nn.Module,
   lengths = dict(task_feature_lengths) if task_feature_lengths else None
   common = dict(batch_size=batch_size, site_inputs_fn=site_inputs_fn)
 
+  score_fn = make_score_fn(model, variables, length_normalize=length_normalize, **common)
+  predict_fns: dict = {}  # one pair per distinct decoding budget, shared by the sub-tasks
+
   def fns(steps):
-    return dict(
-        predict_fn=make_predict_fn(model, variables, max_decode_length=steps, **common),
-        predict_with_aux_fn=make_predict_fn(model, variables, max_decode_length=steps,
-                                            with_aux=True, **common),
-        score_fn=make_score_fn(model, variables, length_normalize=length_normalize, **common))
+    if steps not in predict_fns:
+      predict_fns[steps] = dict(
+          predict_fn=make_predict_fn(model, variables, max_decode_length=steps, **common),
+          predict_with_aux_fn=make_predict_fn(model, variables, max_decode_length=steps,
+                                              with_aux=True, **common))
+    return dict(score_fn=score_fn, **predict_fns[steps])
 
   # One seqio.Evaluator per sub-task: each gets its own decoding budget (the task's registered
   # `registry.decode_length`, e.g. BIG-bench's max_gen_length, unless max_decode_length is given)
