@@ -60,13 +60,13 @@ def _adapters(library_path: Optional[str], experts: Optional[Sequence[str]],
   lib = ExpertLibrary.open(library_path)
   if config is not None and site_shapes(lib.t5_config) != site_shapes(config):
     raise LibraryError(f"library {library_path}: field 't5_config' gives LoRA site dims that "
-                       "differ from the model of INITIAL_CHECKPOINT_PATH")
+                       "differ from the model of CHECKPOINT_PATH")
   if params is not None:
     from phatgoose_jax.checkpoints import params_fingerprint  # pylint: disable=g-import-not-at-top
     fingerprint = params_fingerprint(params)
     if fingerprint != lib.base_fingerprint:
       raise LibraryError(f"library {library_path}: field 'base_fingerprint' is "
-                         f"{lib.base_fingerprint}, but INITIAL_CHECKPOINT_PATH has {fingerprint}")
+                         f"{lib.base_fingerprint}, but CHECKPOINT_PATH has {fingerprint}")
   names = list(experts) if experts else lib.names()
   stacked = lib.stack(names, vectors=vectors)
   cfg = AdapterConfig(mode="routed", num_experts=len(names))
@@ -130,7 +130,8 @@ def evaluate(mixture_or_task_name: str = gin.REQUIRED,
   Args:
     mixture_or_task_name: MIXTURE_OR_TASK_NAME.
     task_feature_lengths: TASK_FEATURE_LENGTHS, {'inputs': L, 'targets': T}.
-    initial_checkpoint_path: INITIAL_CHECKPOINT_PATH (T5X legacy/Orbax, HF, or ours).
+    initial_checkpoint_path: CHECKPOINT_PATH (T5X legacy/Orbax, HF, or ours; `runs/eval.gin`
+      defaults it to the preset's INITIAL_CHECKPOINT_PATH).
     eval_output_dir: EVAL_OUTPUT_DIR for results.json / report.md / routing_heatmap.png.
     library_path: LIBRARY_PATH of an expert library; None evaluates the base model.
     experts: subset of library experts (E order); None = all.
@@ -156,7 +157,7 @@ def evaluate(mixture_or_task_name: str = gin.REQUIRED,
   if not isinstance(lengths, dict) or set(lengths) != {"inputs", "targets"}:
     raise EvalConfigError(f"TASK_FEATURE_LENGTHS must be {{'inputs': L, 'targets': T}}, got "
                           f"{lengths!r}")
-  ckpt = _require(initial_checkpoint_path, "INITIAL_CHECKPOINT_PATH")
+  ckpt = _require(initial_checkpoint_path, "CHECKPOINT_PATH")
   out_dir = _require(eval_output_dir, "EVAL_OUTPUT_DIR")
   if "://" not in str(out_dir):  # checked before the (long) evaluation, not after it
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):

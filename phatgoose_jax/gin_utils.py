@@ -9,7 +9,9 @@ Accepted flags (t5x's spelling):
   --gin_search_paths=A,B      comma-separated folders searched for gin files and includes.
 
 Gin files may declare required macros with ``NAME = %gin.REQUIRED``; `parse_gin` reports the first
-one left unset as ``required gin macro NAME is not set``. Every configuration problem raises
+one left unset as ``required gin macro NAME is not set``, and a ``%NAME`` reference to a macro that
+no file or flag defines (e.g. ``INITIAL_CHECKPOINT_PATH`` without a model preset that sets it) as
+``gin macro NAME is not defined``. Every configuration problem raises
 `GinConfigError` (a ValueError) with a one-line message; `run_main` prints it and exits with 2.
 """
 from __future__ import annotations
@@ -71,13 +73,39 @@ def required_macros_unset() -> List[str]:
   return sorted(missing)
 
 
+def _macro_references(value, found: List[str]) -> None:
+  """Appends the names of the ``%NAME`` macro references inside a bound value (nested too)."""
+  if isinstance(value, gin.config.ConfigurableReference):
+    selector = value.scoped_selector
+    if selector.endswith("/gin.macro"):
+      found.append(selector[:-len("/gin.macro")])
+  elif isinstance(value, (list, tuple, set)):
+    for item in value:
+      _macro_references(item, found)
+  elif isinstance(value, dict):
+    for item in value.values():
+      _macro_references(item, found)
+
+
+def undefined_macros() -> List[str]:
+  """Names of macros referenced as ``%NAME`` in the parsed config but never defined."""
+  config = gin.config._CONFIG  # pylint: disable=protected-access
+  defined = {scope for (scope, selector) in config if selector == "gin.macro"}
+  referenced: List[str] = []
+  for values in config.values():
+    for value in values.values():
+      _macro_references(value, referenced)
+  return sorted(set(referenced) - defined)
+
+
 def parse_gin(gin_files: Sequence[str], bindings: Sequence[str] = (),
               search_paths: Sequence[str] = (), finalize: bool = True) -> None:
   """Parses gin files then bindings (bindings override), checking required macros.
 
   Raises:
     GinConfigError: unreadable/unknown file, unknown configurable or parameter, syntax error,
-      or a required macro left unset (its name in the message).
+      a required macro left unset, or a referenced macro that is never defined (its name in the
+      message).
   """
   for path in list(search_paths) + [REPO_GIN_DIR, os.getcwd()]:
     if os.path.isdir(path) and path not in gin.config._LOCATION_PREFIXES:  # pylint: disable=protected-access
@@ -101,6 +129,12 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str] = (),
     raise GinConfigError(f"required gin macro {missing[0]} is not set (pass "
                          f"--gin.{missing[0]}=...)" + (f"; also unset: {', '.join(missing[1:])}"
                                                        if len(missing) > 1 else ""))
+  undefined = undefined_macros()
+  if undefined:
+    raise GinConfigError(f"gin macro {undefined[0]} is not defined (pass --gin.{undefined[0]}=... "
+                         "or a gin file that sets it)" + (
+                             f"; also undefined: {', '.join(undefined[1:])}"
+                             if len(undefined) > 1 else ""))
   if finalize:
     gin.finalize()
 

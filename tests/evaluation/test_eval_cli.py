@@ -51,6 +51,53 @@ def test_missing_required_macro_is_one_line_exit_2(capsys):
   assert "MIXTURE_OR_TASK_NAME" in err
 
 
+def test_checkpoint_path_defaults_to_the_preset_and_can_be_overridden(monkeypatch, tmp_path):
+  """runs/eval.gin evaluates CHECKPOINT_PATH (t5x's eval macro), by default the preset's
+  INITIAL_CHECKPOINT_PATH, also when that is overridden after eval.gin."""
+  import phatgoose_jax  # pylint: disable=g-import-not-at-top
+  from phatgoose_jax.data import registry  # pylint: disable=g-import-not-at-top
+
+  class Loaded(Exception):
+    pass
+  loaded = []
+
+  def fake_load(path, config=None):
+    loaded.append(path)
+    raise Loaded()
+  monkeypatch.setattr(phatgoose_jax, "load_checkpoint", fake_load)
+  monkeypatch.setattr(registry, "get_task_or_mixture", lambda name: None)
+  files = [str(GIN_DIR / "models" / "t5_1_1_base.gin"), str(GIN_DIR / "runs" / "eval.gin"),
+           str(GIN_DIR / "routers" / "phatgoose.gin")]
+  required = ["MIXTURE_OR_TASK_NAME = 'mix'", f"EVAL_OUTPUT_DIR = '{tmp_path}/out'"]
+  cases = [([], "gs://t5-data/pretrained_models/t5x/t5_1_1_base/checkpoint_1000000"),
+           (["INITIAL_CHECKPOINT_PATH = '/pre'"], "/pre"),
+           (["CHECKPOINT_PATH = '/finetuned'"], "/finetuned")]
+  for extra, want in cases:
+    gin.clear_config()
+    try:
+      gin.parse_config_files_and_bindings(files, required + extra, finalize_config=True)
+      with pytest.raises(Loaded):
+        eval_lib.evaluate()  # pylint: disable=no-value-for-parameter
+      assert loaded[-1] == want
+    finally:
+      gin.clear_config()
+
+
+def test_undefined_checkpoint_macro_is_one_line_exit_2(capsys):
+  """tiny.gin defines no INITIAL_CHECKPOINT_PATH: the error names the macro (was gin's
+  'macro() missing 1 required positional argument')."""
+  gin.clear_config()
+  try:
+    code = eval_lib.main(["--gin_file=models/tiny.gin", "--gin_file=runs/eval.gin",
+                          "--gin.MIXTURE_OR_TASK_NAME='x'", "--gin.EVAL_OUTPUT_DIR='/tmp/x'"])
+  finally:
+    gin.clear_config()
+  err = capsys.readouterr().err
+  assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+  assert "gin macro INITIAL_CHECKPOINT_PATH is not defined" in err
+  assert "positional argument" not in err
+
+
 def test_unknown_flag_and_no_gin_file(capsys):
   assert eval_lib.main(["--bogus=1", "--gin_file=runs/eval.gin"]) == 2
   assert "unknown flag '--bogus=1'" in capsys.readouterr().err
