@@ -11,7 +11,9 @@ Submodules (one concept each):
   pipeline       t5x-layout numpy batches (seqio or pure python), resume state
   p3_tasks, t0_tasks, flan_tasks, bigbench_tasks
                  seqio registrations of the paper's task families (see docs/datasets.md)
-  rouge          dependency-free ROUGE-1/2/L for generative BIG-bench tasks
+  rouge          dependency-free ROUGE-1/2/L (BIG-bench generative tasks, P3 validation)
+  bleu, squad    dependency-free corpus BLEU and SQuAD EM/F1 (P3 validation, as the official
+                 scorer)
 
 Attributes are loaded lazily so `import phatgoose_jax.data` does not import
 TensorFlow; `sources` and the seqio functions import it when first used.
@@ -48,7 +50,7 @@ _EXPORTS = {
 }
 _SUBMODULES = ("vocab", "sources", "preprocessors", "synthetic", "registry",
                "pipeline", "catalog", "p3_tasks", "t0_tasks", "flan_tasks", "bigbench_tasks",
-               "rouge")
+               "rouge", "bleu", "squad")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 

@@ -424,15 +424,23 @@ def text_preprocessors():
 
 
 def validation_metrics(spec: p3_catalog.DatasetSpec) -> dict:
-  """``metric_fns`` / ``postprocess_fn`` of a P3 expert task's validation split: rank
-  classification accuracy ('mc'), ROUGE where the official metric list has it, else exact
-  match (the official SQuAD EM/F1 and BLEU are not computed; documented in docs/datasets.md)."""
+  """``metric_fns`` / ``postprocess_fn`` of a P3 expert task's validation split, as the official
+  metric list of the dataset (``r-three/phatgoose: src/data/metrics.py``): rank classification
+  accuracy for 'mc' datasets; for generative ones every listed metric of ``squad`` (exact match
+  and F1, `phatgoose_jax.data.squad`), ``bleu`` (corpus BLEU, `phatgoose_jax.data.bleu`) and
+  ``rouge`` (ROUGE-L only); exact match where the list names none of these. The dataset's
+  validation score is the mean of the values reported (`training.task_validation`), as the
+  official scorer's dict is averaged."""
+  from phatgoose_jax.data import bleu as bleu_lib  # pylint: disable=g-import-not-at-top
   from phatgoose_jax.data import rouge as rouge_lib  # pylint: disable=g-import-not-at-top
+  from phatgoose_jax.data import squad as squad_lib  # pylint: disable=g-import-not-at-top
   if spec.eval_interface == "mc":
     return dict(metric_fns=[prep.rank_classification_accuracy],
                 postprocess_fn=prep.rank_classification_postprocessor)
-  metric = rouge_lib.rouge if "rouge" in spec.eval_metrics else prep.exact_match_accuracy
-  return dict(metric_fns=[metric], postprocess_fn=_text_postprocessor)
+  by_name = {"squad": squad_lib.squad, "bleu": bleu_lib.bleu, "rouge": rouge_lib.rouge_l_only}
+  metrics = [by_name[m] for m in spec.eval_metrics if m in by_name]
+  return dict(metric_fns=metrics or [prep.exact_match_accuracy],
+              postprocess_fn=_text_postprocessor)
 
 
 def _text_postprocessor(output, example=None, is_target=False):
