@@ -24,6 +24,14 @@ Groups (`FlanExpertSpec.group`):
       web_questions with every non-score-eval P3 config found locally under
       their config prefix, since the catalog has no template list for them).
 
+Validation (what an expert run keeps its best checkpoint by): FLAN2021, NIv2
+and Dialog experts decode greedily for at most `max_gen_length - 1` tokens
+(`catalog.flan_gen_lengths`, official per-expert values, through
+`registry.decode_length`) and score ROUGE-L, as `flanv2_t5xl.gin`; the 36 P3
+experts validate exactly as in the P3 setting (`p3_tasks.validation_metrics`,
+the catalog's eval split); the 7 add1 P3 datasets, for which the official
+repository has no evaluation entry, by exact match on their validation split.
+
 Files: `file_pattern` (formatted with `data_dir`, `path` = the official
 `dataset_path` joined by '/', `ext`, `key`) selects the jsonl/parquet files
 an expert reads; the default `{data_dir}/flan/{path}/*.{ext}` is the official
@@ -44,9 +52,12 @@ import gin
 import numpy as np
 
 from phatgoose_jax.data import p3_tasks
+from phatgoose_jax.data import registry
 from phatgoose_jax.data import preprocessors as prep
+from phatgoose_jax.data import rouge as rouge_lib
 from phatgoose_jax.data.catalog import flan as catalog
 from phatgoose_jax.data.catalog import p3 as p3_catalog
+from phatgoose_jax.data.catalog.flan_gen_lengths import FLAN_EVAL_MAX_GEN_LENGTH
 
 TASK_PREFIX = "flan_"
 MIXTURE_NAME = "flan_multitask"
@@ -203,23 +214,30 @@ def register_flan_tasks(vocabulary=gin.REQUIRED, source: str = "jsonl",
     name = task_name(spec.key, prefix)
     if spec.group == "p3":
       key = spec.key.split("/", 1)[1]
-      if key in p3_keys:
-        configs = p3_tasks.dataset_templates(p3_catalog.p3_dataset(key))
+      if key in p3_keys:  # validated as the P3 setting's expert (catalog eval split, metrics)
+        p3_spec = p3_catalog.p3_dataset(key)
+        src = p3_tasks.templates_source(p3_reader, p3_tasks.dataset_templates(p3_spec), p3_cap,
+                                        name=f"FLAN P3 expert {key!r}", eval_spec=p3_spec)
+        metrics = p3_tasks.validation_metrics(p3_spec)
       else:
         path, config = catalog.ADD1_P3_HF[key]
         configs = _discover(p3_reader, p3_catalog.p3_config_name(path, config, "x")[:-1])
-      src = p3_tasks.templates_source(p3_reader, configs, p3_cap,
-                                      name=f"FLAN P3 expert {key!r}")
+        src = p3_tasks.templates_source(p3_reader, configs, p3_cap,
+                                        name=f"FLAN P3 expert {key!r}")
+        metrics = dict(metric_fns=[prep.exact_match_accuracy])
     else:
       cat = spec.dataset_path[-1] if spec.group == "niv2" else None
       reader = FlanRowReader(spec, source, data_dir, file_pattern,
                              niv2.get(cat) if cat else None,
                              niv2_trust_files and spec.group == "niv2", hf_kwargs)
       src = flan_source(reader)
+      metrics = dict(metric_fns=[rouge_lib.rouge_l_only])  # official: metrics = ["rouge"]
     if name in names:
       raise FlanDataError(f"two FLAN experts map to task name {name!r}")
-    names.append(p3_tasks.add_task(name, src, vocabulary,
-                                   metric_fns=[prep.exact_match_accuracy]))
+    gen_length = FLAN_EVAL_MAX_GEN_LENGTH.get(spec.phatgoose_name)
+    # HF generate(max_length=max_gen_length) counts the decoder start token (as BIG-bench).
+    registry.set_decode_length(name, gen_length - 1 if gen_length else None)
+    names.append(p3_tasks.add_task(name, src, vocabulary, **metrics))
   p3_tasks.add_mixture(mixture_name, names)
   return names + [mixture_name]
 

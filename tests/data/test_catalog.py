@@ -310,3 +310,14 @@ def test_catalog_imports_no_seqio_or_tensorflow():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True,
                        text=True, check=True).stdout.strip()
   assert out == "[]"
+
+
+def test_flan_gen_lengths_cover_every_non_p3_expert():
+  """One official max_gen_length per FLAN2021 / NIv2 / Dialog expert, none for the P3 ones."""
+  from phatgoose_jax.data.catalog import FLAN_EVAL_MAX_GEN_LENGTH, FLAN_EXPERTS  # pylint: disable=g-import-not-at-top
+  non_p3 = {s.phatgoose_name for s in FLAN_EXPERTS if s.group != "p3"}
+  assert set(FLAN_EVAL_MAX_GEN_LENGTH) == non_p3 and len(non_p3) == 123
+  assert all(isinstance(v, int) and v in (2, 4, 8, 16, 32, 64, 128, 256, 512)
+             for v in FLAN_EVAL_MAX_GEN_LENGTH.values())
+  assert FLAN_EVAL_MAX_GEN_LENGTH["FLAN2021DROP/ZS"] == 512
+  assert FLAN_EVAL_MAX_GEN_LENGTH["NIV2PAPERREVIEW/ZS"] == 2

@@ -141,9 +141,10 @@ def test_p3_expert_validation_reads_the_eval_split_and_scores_it(vocabulary, tmp
                                     batch_size=3 * n, shuffle=False, num_epochs=1,
                                     drop_remainder=False))
   assert sum(len(b["decoder_target_tokens"]) for b in token) == 3 * n  # correct rows only
-  # a generative dataset scores with ROUGE or exact match, a choice dataset by rank
+  # a generative dataset scores with its official metrics (tests/data/test_text_metrics.py)
   xsum = {d.key: d for d in p3_catalog.P3_DATASETS}["xsum"]
-  assert p3_tasks.validation_metrics(xsum)["metric_fns"][0].__name__ == "rouge"
+  assert [f.__name__ for f in p3_tasks.validation_metrics(xsum)["metric_fns"]] == [
+      "bleu", "rouge_l_only"]
 
 
 def test_t0_heldout_family(vocabulary):
@@ -205,6 +206,20 @@ def test_flan_family(vocabulary):
     _read("flan_niv2_Translation", "train", vocabulary)
   # P3 experts of the FLAN setting read P3 rows (quarel JSONL export).
   assert len(_read("flan_p3_quarel", "train", vocabulary)) == 10
+  # Validation metrics as the official gins: ROUGE-L for FLAN2021/NIv2/Dialog experts
+  # (flanv2_t5xl.gin: metrics = ["rouge"]); a P3 expert validates as in the P3 setting.
+  assert seqio.get_mixture_or_task(arc).metric_fns == [rouge.rouge_l_only]
+  p3_quarel = seqio.get_mixture_or_task("flan_p3_quarel")
+  assert p3_quarel.metric_fns == [prep.rank_classification_accuracy]
+  assert p3_quarel._postprocess_fn is prep.rank_classification_postprocessor  # pylint: disable=protected-access
+  assert seqio.get_mixture_or_task("flan_p3_xsum").metric_fns[0].__name__ == "bleu"
+  assert seqio.get_mixture_or_task("flan_p3_copa").metric_fns == [prep.exact_match_accuracy]
+  # Decoding budgets: official max_gen_length - 1 (ARC-Easy 64, algebra__linear_1d 4, NIv2
+  # Entity Relation Classification 2); P3 experts keep the targets length.
+  assert registry.decode_length(arc) == 63
+  assert registry.decode_length("flan_flan2021_algebra__linear_1d:1.0.0") == 3
+  assert registry.decode_length("flan_niv2_Entity_Relation_Classification") == 1
+  assert registry.decode_length("flan_p3_quarel") is None
   # NIv2 with a supplied task-name list.
   flan_tasks.register_flan_tasks(
       vocabulary, source="jsonl", data_dir=str(DATA),

@@ -1,7 +1,8 @@
 """Dataset catalogs PHATGOOSE's seqio tasks are registered from (pure data).
 
 Modules: `p3` (36 T0 held-in experts), `t0_heldout` (11 held-out evaluations),
-`flan` (166 FLAN-setting experts), `bigbench` (22 BBH + 17 BBL tasks). Sources
+`flan` (166 FLAN-setting experts; `flan_gen_lengths` their validation decoding budgets),
+`bigbench` (22 BBH + 17 BBL tasks). Sources
 and unverified entries are listed in docs/datasets.md.
 """
 
@@ -16,6 +17,7 @@ from phatgoose_jax.data.catalog.flan import FlanExpertSpec
 from phatgoose_jax.data.catalog.flan import all_flan_keys
 from phatgoose_jax.data.catalog.flan import flan_expert
 from phatgoose_jax.data.catalog.flan import flan_experts_in_group
+from phatgoose_jax.data.catalog.flan_gen_lengths import FLAN_EVAL_MAX_GEN_LENGTH
 from phatgoose_jax.data.catalog.p3 import MAX_EXAMPLES_PER_DATASET
 from phatgoose_jax.data.catalog.p3 import P3_DATASETS
 from phatgoose_jax.data.catalog.p3 import CatalogLookupError
