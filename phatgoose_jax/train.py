@@ -37,6 +37,7 @@ from phatgoose_jax import training
 # Imported before gin parsing so that their configurables (get_vocabulary, ...) are registered.
 from phatgoose_jax.data import pipeline, registry, synthetic, vocab  # noqa: F401
 from phatgoose_jax.models.config import T5Config
+from phatgoose_jax.training import partitioning
 from phatgoose_jax.training import state as state_lib
 from phatgoose_jax.training.logging import MetricsLogger
 
@@ -191,6 +192,16 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
   if batch_size % jax.process_count():
     raise ValueError(f"BATCH_SIZE={batch_size} must be divisible by the number of hosts "
                      f"({jax.process_count()})")
+  mesh = training.create_mesh(num_partitions)  # refuses a num_partitions that does not divide
+  if jax.process_count() > 1 and jax.local_device_count() % num_partitions:
+    # Host data shards follow process_index (not t5x's data layout): a model-parallel group must
+    # not span hosts (devices are laid out host by host, num_partitions per mesh row).
+    raise ValueError(f"train.num_partitions={num_partitions} does not divide the "
+                     f"{jax.local_device_count()} devices of one host; on "
+                     f"{jax.process_count()} hosts keep each model-parallel group within a host")
+  rules = training.logical_axis_rules()
+  partitioning.check_batch_rows(batch_size // jax.process_count(), mesh, rules,
+                                what="BATCH_SIZE")
   errors.quiet_tensorflow_import()
   registry.import_task_module(mixture_or_task_module)
   if register_synthetic:
@@ -235,14 +246,6 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
       opt_bindings.get("warmup_steps"))
   tx = training.adamw_optimizer(learning_rate=learning_rate, total_steps=train_steps,
                                 schedule=schedule)
-  if jax.process_count() > 1 and num_partitions > jax.local_device_count():
-    # Host data shards follow process_index (not t5x's data layout), and exports fetch adapters
-    # on host 0: a model-parallel group must not span hosts.
-    raise ValueError(f"train.num_partitions={num_partitions} exceeds the {jax.local_device_count()} "
-                     f"devices of one host; on {jax.process_count()} hosts keep each model-parallel "
-                     "group within a host")
-  mesh = training.create_mesh(num_partitions)
-  rules = training.logical_axis_rules()
   trainer = training.Trainer(model, mask, tx, mesh, rules, num_microbatches=num_microbatches,
                              base_dtype=base_dtype, learning_rate_fn=schedule)
   state = trainer.create_state(variables, seed=seed)

@@ -166,11 +166,45 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, spec)
 
 
+def batch_shards(mesh: Mesh, rules: Rules) -> int:
+  """How many ways the ``batch`` axis is split: the product of the mesh axes it maps to."""
+  spec = batch_sharding(mesh, rules, 1).spec
+  names = spec[0] if spec else None
+  if names is None:
+    return 1
+  names = (names,) if isinstance(names, str) else tuple(names)
+  return int(np.prod([mesh.shape[n] for n in names]))
+
+
+def local_batch_shards(mesh: Mesh, rules: Rules) -> int:
+  """The batch shards one host feeds (all of them on one host): a host-local batch must have a
+  multiple of this many rows."""
+  return max(1, batch_shards(mesh, rules) // jax.process_count())
+
+
+def check_batch_rows(rows: int, mesh: Mesh, rules: Rules, what: str = "batch") -> None:
+  """Refuses a host-local batch of ``rows`` rows that does not split over this host's batch
+  shards (JAX's own error names neither the batch size nor the mesh)."""
+  shards = local_batch_shards(mesh, rules)
+  if rows % shards:
+    total = batch_shards(mesh, rules)
+    raise ValueError(
+        f"{what} of {rows} rows per host does not split over the {shards} data-parallel shards "
+        f"of this host (the 'batch' axis is split {total} ways on {jax.process_count()} host(s), "
+        f"mesh {dict(mesh.shape)}): use a multiple of {total} (BATCH_SIZE), or a larger "
+        "train.num_partitions")
+
+
 def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules) -> dict:
-  """This host's numpy batch -> global jax arrays sharded along ``batch`` (works single-host too)."""
+  """This host's numpy batch -> global jax arrays sharded along ``batch`` (works single-host too).
+
+  Raises:
+    ValueError: the rows do not split over this host's batch shards (`check_batch_rows`).
+  """
   out = {}
   for k, v in local_batch.items():
     v = np.asarray(v)
+    check_batch_rows(int(v.shape[0]), mesh, rules)
     sharding = batch_sharding(mesh, rules, v.ndim)
     global_shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
     out[k] = jax.make_array_from_process_local_data(sharding, v, global_shape)

@@ -311,6 +311,8 @@ class Trainer:
       batches: host-local numpy batches; a final partial batch is fine.
       batch_size: pad every batch to this many rows (zero tokens, zero loss weight: they count
         for nothing), so a partial last batch keeps the compiled shape (default: no padding).
+        Either way a batch is also padded up to a multiple of the host's data-parallel shards
+        (`partitioning.local_batch_shards`), so any batch size works on any mesh.
 
     On several hosts every host runs the same number of steps (the jitted step is one global
     computation): hosts with fewer batches step through all-zero batches, as t5x pads its eval
@@ -318,7 +320,8 @@ class Trainer:
     than a batch with remainder dropping, or an empty split): a 0 loss would win every
     best-step comparison.
     """
-    local = (self._pad_rows(dict(b), batch_size) for b in batches)  # streamed on one host
+    shards = partitioning.local_batch_shards(self.mesh, self.rules)
+    local = (self._pad_rows(dict(b), batch_size, shards) for b in batches)  # streamed on one host
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       local = list(local)
@@ -328,8 +331,9 @@ class Trainer:
         raise ValueError(f"validation: some hosts have no batch (batches per host: "
                          f"{np.asarray(counts).tolist()}); use a validation split with at "
                          "least one batch per host")
-      local += [{k: np.zeros_like(v) for k, v in local[0].items()}] * (int(np.max(counts))
-                                                                        - count)
+      if int(np.max(counts)) > count:
+        local += [{k: np.zeros_like(v) for k, v in local[0].items()}] * (int(np.max(counts))
+                                                                          - count)
     totals = {"loss_sum": 0.0, "tokens": 0.0, "correct": 0.0}
     steps = 0
     for batch in local:
@@ -347,13 +351,15 @@ class Trainer:
             "tokens": totals["tokens"]}
 
   @staticmethod
-  def _pad_rows(batch: Dict[str, Any], rows: Optional[int]) -> Dict[str, Any]:
-    """Pads every array of ``batch`` to ``rows`` rows with zeros (no-op when None or full)."""
-    if rows is None:
-      return batch
+  def _pad_rows(batch: Dict[str, Any], rows: Optional[int], multiple: int = 1
+                ) -> Dict[str, Any]:
+    """Pads every array of ``batch`` with zero rows to ``rows`` rows (None: its own count),
+    rounded up to a multiple of ``multiple``; no-op when already that size."""
     have = int(np.shape(next(iter(batch.values())))[0])
-    if have > rows:
+    if rows is not None and have > rows:
       raise ValueError(f"validation batch has {have} rows, more than batch_size={rows}")
+    rows = have if rows is None else rows
+    rows = -(-rows // multiple) * multiple
     if have == rows:
       return batch
     return {k: np.concatenate([np.asarray(v), np.zeros((rows - have,) + np.shape(v)[1:],
@@ -459,13 +465,22 @@ class Trainer:
               "base_fingerprint": base_fingerprint, "run": identity}
 
     def do_export(kind: str, metric_value=None):
-      if not export or jax.process_index() != 0:
+      if not export:
+        return
+      adapters = self.adapters(state)
+      if any(isinstance(x, jax.Array) and not x.is_fully_addressable
+             for x in jax.tree.leaves(adapters)):
+        # A leaf sharded across hosts (e.g. parameter_partitioning_dims=2): every host joins
+        # the gather (the same decision on all of them: shardings are global), host 0 writes.
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        adapters = multihost_utils.process_allgather(adapters, tiled=True)
+      if jax.process_index() != 0:
         return
       meta = dict(export_metadata or {})
       meta.update(step=step, selected_by=kind, base_fingerprint=base_fingerprint,
                   metric=best_metric if kind == "best" else None, metric_value=metric_value,
                   complete=kind == "final")  # a 'best' export is interim until the run ends
-      state_lib.export_adapters(model_dir, self.adapters(state), meta)
+      state_lib.export_adapters(model_dir, adapters, meta)
 
     def run_validation():
       nonlocal best

@@ -92,3 +92,52 @@ def test_train_step_applies_the_models_logical_activation_constraints():
   assert proc.returncode == 0, out
   bare, inside = map(int, out.split("COUNTS", 1)[1].split()[:2])
   assert inside > bare
+
+
+def test_batches_that_do_not_split_over_the_data_shards():
+  """8 data shards: an evaluation batch of any size is padded up to a multiple of 8 (same loss
+  as one device), a training batch of 6 rows is a one-line error naming BATCH_SIZE and the mesh
+  (JAX's IndivisibleError named neither)."""
+  code = (
+      "import jax, numpy as np\n"
+      "import training_helpers as F\n"
+      "from phatgoose_jax.training import partitioning\n"
+      "_, model, variables = F.make_model('lora')\n"
+      "one = F.make_trainer(model, variables, 'lora', devices=jax.devices()[:1])\n"
+      "eight = F.make_trainer(model, variables, 'lora')\n"
+      "assert dict(eight.mesh.shape) == {'data': 8, 'model': 1}\n"
+      "assert partitioning.local_batch_shards(eight.mesh, eight.rules) == 8\n"
+      "s1, s8 = one.create_state(variables), eight.create_state(variables)\n"
+      "full = F.random_batch(0, batch_size=12)\n"
+      "parts = [{k: v[:8] for k, v in full.items()}, {k: v[8:11] for k, v in full.items()}]\n"
+      "a = one.evaluate(s1, parts)\n"
+      "for bs in (None, 12):\n"
+      "  b = eight.evaluate(s8, parts, batch_size=bs)\n"
+      "  assert a['tokens'] == b['tokens'], (a, b)\n"
+      "  np.testing.assert_allclose(a['loss'], b['loss'], rtol=1e-5)\n"
+      "try:\n"
+      "  eight.train_step(s8, F.random_batch(0, batch_size=6))\n"
+      "except ValueError as e:\n"
+      "  print('ERROR', e)\n")
+  proc = _python(code, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out
+  err = out.split("ERROR", 1)[1].strip().splitlines()[0]
+  assert "6 rows per host does not split over the 8 data-parallel shards" in err
+  assert "BATCH_SIZE" in err and "'data': 8" in err
+
+
+def test_train_refuses_a_batch_size_the_mesh_cannot_split_before_loading(tmp_path):
+  """python -m phatgoose_jax.train on 8 devices with BATCH_SIZE=12: one line, exit 2, before the
+  (here missing) checkpoint is read."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = subprocess.run(
+      [sys.executable, "-m", "phatgoose_jax.train", "--gin_file=runs/train_expert.gin",
+       "--gin_file=models/tiny.gin", f"--gin.MODEL_DIR='{tmp_path}/run'",
+       "--gin.MIXTURE_OR_TASK_NAME='x'", f"--gin.INITIAL_CHECKPOINT_PATH='{tmp_path}/nockpt'",
+       "--gin.BATCH_SIZE=12"], env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert "BATCH_SIZE of 12 rows per host does not split over the 8 data-parallel shards" in last
+  assert "Traceback" not in proc.stderr
