@@ -73,6 +73,36 @@ def required_macros_unset() -> List[str]:
   return sorted(missing)
 
 
+# Every module that declares gin configurables, except the entry points (phatgoose_jax.train and
+# phatgoose_jax.eval run as __main__ and must not be imported twice). `parse_gin` imports them
+# before it finalizes the config: a module imported lazily later (e.g. the P3 / FLAN readers import
+# `data.sources` when they first read a file) would otherwise register a configurable into the
+# locked config ("Attempted to add a new configurable after the config was locked").
+# tests/test_gin_modules.py checks that the list names every such module.
+CONFIGURABLE_MODULES = (
+    "phatgoose_jax.adapters.factory", "phatgoose_jax.data.bigbench_tasks",
+    "phatgoose_jax.data.flan_tasks", "phatgoose_jax.data.p3_tasks",
+    "phatgoose_jax.data.pipeline", "phatgoose_jax.data.registry",
+    "phatgoose_jax.data.sources", "phatgoose_jax.data.synthetic",
+    "phatgoose_jax.data.t0_tasks", "phatgoose_jax.data.vocab",
+    "phatgoose_jax.methods.average_activation", "phatgoose_jax.methods.dfwe",
+    "phatgoose_jax.methods.oracle", "phatgoose_jax.methods.polytropon",
+    "phatgoose_jax.methods.retrieval", "phatgoose_jax.methods.task_moe",
+    "phatgoose_jax.models.config", "phatgoose_jax.training.optimizer",
+    "phatgoose_jax.training.partitioning",
+)
+
+
+def import_configurable_modules() -> None:
+  """Imports `CONFIGURABLE_MODULES` (`data.sources` imports seqio, hence TensorFlow: its C++
+  start-up lines are silenced first)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  from phatgoose_jax import errors  # pylint: disable=g-import-not-at-top
+  errors.quiet_tensorflow_import()
+  for name in CONFIGURABLE_MODULES:
+    importlib.import_module(name)
+
+
 def _macro_references(value, found: List[str]) -> None:
   """Appends the names of the ``%NAME`` macro references inside a bound value (nested too)."""
   if isinstance(value, gin.config.ConfigurableReference):
@@ -136,6 +166,7 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str] = (),
                              f"; also undefined: {', '.join(undefined[1:])}"
                              if len(undefined) > 1 else ""))
   if finalize:
+    import_configurable_modules()
     gin.finalize()
 
 

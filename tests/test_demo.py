@@ -4,6 +4,7 @@ import json
 import os
 import random
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -321,3 +322,26 @@ def test_poly_rank_above_lora_rank_is_refused():
   ctx.cfg = dataclasses.replace(ctx.cfg, poly_rank=ctx.cfg.rank + 1)
   with pytest.raises(demo.DemoError, match="poly_rank"):
     dmm.run_poly(ctx)
+
+
+def test_demo_with_gin_flags_survives_its_lazy_imports(tmp_path):
+  """`phatgoose-jax demo --gin_file=runs/demo.gin --gin.DemoConfig.expert_steps=600` finalizes
+  gin and then imports the training, data, library and method modules (was: 'Attempted to add a
+  new configurable after the config was locked')."""
+  code = (
+      "import argparse\n"
+      "from phatgoose_jax import demo\n"
+      "seen = {}\n"
+      "def fake_run(output_dir, seed, quick, config):\n"
+      "  import phatgoose_jax.training, phatgoose_jax.demo_methods  # noqa: F401\n"
+      "  import phatgoose_jax.demo_multitask_methods, phatgoose_jax.library  # noqa: F401\n"
+      "  from phatgoose_jax.data import sources, synthetic  # noqa: F401\n"
+      "  seen['steps'] = config.expert_steps\n"
+      "demo.run_demo = fake_run\n"
+      f"args = argparse.Namespace(output_dir={str(tmp_path)!r}, seed=0, quick=False)\n"
+      "demo.run_from_args(args, ['--gin_file=runs/demo.gin', '--gin.DemoConfig.expert_steps=600'])\n"
+      "print('STEPS', seen['steps'])\n")
+  import subprocess  # pylint: disable=g-import-not-at-top
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "STEPS 600" in proc.stdout

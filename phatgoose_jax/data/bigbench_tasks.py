@@ -135,16 +135,29 @@ class BigBenchReader:
                                        split="+".join(self.parts()), **self.hf_kwargs)
       return
     from phatgoose_jax.data import sources  # pylint: disable=g-import-not-at-top
+    for files in self.part_files():
+      yield from (sources.read_jsonl_rows(files) if self.source == "jsonl"
+                  else sources.read_parquet_rows(files))
+
+  def part_files(self) -> list[list[str]]:
+    """The local files of each split part (source 'jsonl' / 'parquet').
+
+    Raises:
+      BigBenchDataError: no data_dir (DATA_DIR), or a part without a file. Called when the
+        dataset is built, so the error is one line, not a failure inside tf.data.
+    """
+    where = f"BIG-bench task {self.task.name!r}"
     if not self.data_dir:
-      raise BigBenchDataError(f"{where}: data_dir is not set")
+      raise BigBenchDataError(f"{where}: data_dir is not set (DATA_DIR in data/bigbench.gin)")
     d = os.path.join(self.data_dir, "bigbench", self.task.name)
+    out = []
     for part in self.parts():
       pats = [os.path.join(d, f"{part}.{self.source}"), os.path.join(d, f"{part}-*.{self.source}")]
       files = sorted({f for p in pats for f in glob.glob(p)})
       if not files:
         raise BigBenchDataError(f"{where}: no file {pats[0]} (split part {part!r})")
-      yield from (sources.read_jsonl_rows(files) if self.source == "jsonl"
-                  else sources.read_parquet_rows(files))
+      out.append(files)
+    return out
 
   def rows(self) -> Iterator[dict[str, Any]]:
     for i, row in enumerate(self._raw()):
@@ -165,6 +178,8 @@ def bigbench_source(reader: BigBenchReader):
     del shuffle_files, seed
     if split != EVAL_SPLIT:
       raise BigBenchDataError(f"{reader.task.name}: only split {EVAL_SPLIT!r} exists")
+    if reader.source != "hf":
+      reader.part_files()  # missing data: a named error here, not inside tf.data
     return tf.data.Dataset.from_generator(reader.rows, output_signature=sig)
   return seqio.FunctionDataSource(dataset_fn, splits=[EVAL_SPLIT])
 

@@ -233,6 +233,8 @@ class P3Reader:
     """tf.data.Dataset of uniform P3 rows of one config split."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     if self.kind != "tfrecord":
+      if self.kind != "hf":
+        self._require_files(config, split)  # a named error here, not inside tf.data
       return tf.data.Dataset.from_generator(
           lambda: self.rows(config, split, score_eval),
           output_signature=_signature(score_eval))

@@ -36,6 +36,8 @@ import hashlib
 import random
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+import gin
+
 from phatgoose_jax.data import preprocessors as prep
 
 FAMILIES: dict[str, tuple[str, ...]] = {
@@ -345,3 +347,16 @@ def register_synthetic_tasks(vocabulary, prefix: str = "synthetic_",
   seqio.MixtureRegistry.add(
       mixture_name, [prefix + n for n in SYNTHETIC_EXPERT_TASKS], default_rate=1.0)
   return names + [mixture_name]
+
+
+@gin.configurable(module="phatgoose_jax.data.synthetic")
+def task_module(vocabulary=gin.REQUIRED,
+                num_examples: Optional[Mapping[str, int]] = None) -> str:
+  """Registers the synthetic tasks with ``vocabulary`` and returns this module's name, for
+  ``MIXTURE_OR_TASK_MODULE = @phatgoose_jax.data.synthetic.task_module()`` (`gin/data/
+  synthetic.gin`): training and evaluation both read that macro after gin is parsed."""
+  if vocabulary is gin.REQUIRED or vocabulary is None:
+    raise SyntheticTaskError("synthetic.task_module: vocabulary is not set (VOCABULARY / "
+                             "VOCABULARY_PATH)")
+  register_synthetic_tasks(vocabulary, num_examples=num_examples)
+  return __name__

@@ -308,8 +308,11 @@ def test_gin_data_files_parse(name, vocab_path, _clean_gin):
               f"DATA_DIR='{DATA}'"]
   gin_utils.parse_gin([f"data/{name}.gin"], bindings, finalize=False)
   assert isinstance(gin.query_parameter("%MIXTURE_OR_TASK_NAME"), str)
-  if name == "synthetic":
-    assert gin.query_parameter("phatgoose_jax.train.train.register_synthetic") is True
+  if name == "synthetic":  # registered through MIXTURE_OR_TASK_MODULE (train and eval read it)
+    from phatgoose_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    assert synthetic.task_module() == "phatgoose_jax.data.synthetic"
+    assert "synthetic_compose2_choice" in seqio.TaskRegistry.names()
+    assert "synthetic_multitask" in seqio.MixtureRegistry.names()
     return
   module = {"p3": p3_tasks, "t0_heldout": t0_tasks, "flan": flan_tasks,
             "bigbench": bigbench_tasks}[name]
