@@ -40,8 +40,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _one_line(error: BaseException) -> str:
-  text = " | ".join(p.strip() for p in str(error).strip().splitlines() if p.strip())
-  return text or type(error).__name__
+  """One line, gin's call-site suffix ("In call to configurable 'train' (<function ...>)") cut."""
+  from phatgoose_jax.errors import clean_message  # pylint: disable=g-import-not-at-top
+  return clean_message(error)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -115,6 +116,21 @@ def _library_remove(args) -> int:
   lib = ExpertLibrary.open(_require_path(args.path, "expert library"))
   lib.remove(args.name)
   print(f"removed {args.name} from {lib.path}")
+  return 0
+
+
+def _library_vectors(args) -> int:
+  """Computes router vectors that depend on the experts' weights only (Arrow prototypes)."""
+  from phatgoose_jax.library import ExpertLibrary  # pylint: disable=g-import-not-at-top
+  from phatgoose_jax.methods import arrow  # pylint: disable=g-import-not-at-top
+  lib = ExpertLibrary.open(_require_path(args.path, "expert library"))
+  names = [n for n in (args.experts or "").split(",") if n] or None
+  unknown = sorted(set(names or ()) - set(lib.names()))
+  if unknown:
+    raise ValueError(f"--experts: {unknown} are not in {lib.path} (has {lib.names()})")
+  done = arrow.compute_arrow_vectors(lib, names, skip_existing=not args.overwrite)
+  print(f"stored '{args.kind}' vectors of {len(done)} expert(s) in {lib.path}"
+        + ("" if done else " (all had them; --overwrite recomputes)"))
   return 0
 
 
@@ -195,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("path", help="library folder")
   p.add_argument("name", help="expert name")
   p.set_defaults(func=_library_remove)
+  p = acts.add_parser("vectors", help="compute router vectors from the experts' weights "
+                      "(Arrow prototypes, for routers/arrow*.gin)")
+  p.add_argument("path", help="library folder")
+  p.add_argument("kind", choices=["arrow"], help="vector kind ('arrow': Ostapenko et al. 2024)")
+  p.add_argument("--experts", default=None, help="comma-separated experts (default: all)")
+  p.add_argument("--overwrite", action="store_true", help="recompute existing vectors")
+  p.set_defaults(func=_library_vectors)
   p = acts.add_parser("info", help="library (or one expert's) metadata as JSON")
   p.add_argument("path", help="library folder")
   p.add_argument("name", nargs="?", default=None, help="an expert (default: the library)")

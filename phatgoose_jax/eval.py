@@ -24,6 +24,7 @@ import sys
 from typing import Any, Mapping, Optional, Sequence
 
 import gin
+import numpy as np
 
 from phatgoose_jax import cpu_malloc
 from phatgoose_jax import gin_utils
@@ -69,6 +70,11 @@ def _adapters(library_path: Optional[str], experts: Optional[Sequence[str]],
                          f"{lib.base_fingerprint}, but CHECKPOINT_PATH has {fingerprint}")
   names = list(experts) if experts else lib.names()
   stacked = lib.stack(names, vectors=vectors)
+  if vectors is None:  # routers that read no vectors ('uniform'): every routed site still
+    for leaves in stacked.values():  # declares [E, D] gates, unused; zeros stand in
+      if "gates" not in leaves:
+        a = leaves["lora_a"]
+        leaves["gates"] = np.zeros(a.shape[:2], a.dtype)
   cfg = AdapterConfig(mode="routed", num_experts=len(names))
   return cfg, to_adapters_tree(stacked), names
 
@@ -175,6 +181,8 @@ def evaluate(mixture_or_task_name: str = gin.REQUIRED,
   config, params = load_checkpoint(ckpt, t5_config)
   adapter_config, adapters, expert_names = _adapters(library_path, experts, router_vectors,
                                                      config, params)
+  if adapter_config.mode == "routed" and method_name == "base":  # a library, no router file
+    method_name = adapter_config.router
   model = build_model(config, adapter_config)
   variables = {"params": params, "adapters": adapters}
   metrics = evaluator.run_seqio_evaluation(name, model, variables, task_feature_lengths=lengths,
@@ -205,6 +213,24 @@ def evaluate(mixture_or_task_name: str = gin.REQUIRED,
   return metrics
 
 
+EVAL_ROUTER_FILES = ("phatgoose", "average_activation", "arrow", "arrow_phatgoose",
+                     "uniform_merge", "single_expert")
+
+
+def refuse_method_configs() -> None:
+  """Refuses a config that binds `phatgoose_jax.methods` configurables: those router files
+  (merged, polytropon, mhr, task_moe, dfwe, lorahub, retrieval, average_activation_build)
+  configure the methods' Python API and the demo; this entry point would silently ignore them
+  and report its own routing under their name."""
+  bound = sorted({selector for (_, selector) in gin.config._CONFIG  # pylint: disable=protected-access
+                  if selector.startswith("phatgoose_jax.methods.")})
+  if bound:
+    raise EvalConfigError(
+        f"the gin files bind {', '.join(bound)}: that router file configures a method of "
+        "phatgoose_jax.methods (Python API, `phatgoose-jax demo`), which phatgoose_jax.eval does "
+        "not run; eval runs " + ", ".join(f"routers/{r}.gin" for r in EVAL_ROUTER_FILES))
+
+
 def parse_flags(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
   """(gin files, bindings, search paths) from t5x-style flags (`gin_utils.split_flags`)."""
   files, bindings, paths, rest = gin_utils.split_flags(argv)
@@ -217,10 +243,15 @@ def parse_flags(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
+  if any(a in ("-h", "--help") for a in argv):  # the module docstring is the usage
+    print(__doc__.strip())
+    return 0
   try:
     cpu_malloc.configure_from_env()  # PHATGOOSE_JAX_MALLOC=heap: see phatgoose_jax/cpu_malloc.py
     files, bindings, paths = parse_flags(argv)
+    gin_utils.import_configurable_modules()  # so method router files parse, then are refused
     gin_utils.parse_gin(files, bindings, paths, finalize=False)
+    refuse_method_configs()
     metrics = evaluate()
   except Exception as e:  # one line, no traceback  # pylint: disable=broad-except
     from phatgoose_jax.errors import clean_message  # pylint: disable=g-import-not-at-top

@@ -151,7 +151,12 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str] = (),
   except (IOError, OSError) as e:
     raise GinConfigError(f"gin file not found: {one_line(e)}") from None
   except (ValueError, SyntaxError, TypeError, KeyError) as e:
-    raise GinConfigError(one_line(e)) from None
+    loc = next((a for a in getattr(e, "args", ())[1:] if hasattr(a, "line_content")), None)
+    line = getattr(loc, "line_content", None)  # gin's SyntaxError: (message, Location)
+    where = f" in {line.strip()!r}" if line and line.strip() else ""
+    hint = (" (string values need inner quotes: --gin.NAME=\"'value'\")"
+            if where and "parse value" in str(e) else "")
+    raise GinConfigError(one_line(e) + where + hint) from None
   finally:
     logging.disable(previous)
   missing = required_macros_unset()

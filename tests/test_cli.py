@@ -62,6 +62,30 @@ def test_library_create_add_list_remove_peft(tmp_path, capsys):
   assert info["base_fingerprint"] == checkpoints.params_fingerprint(params)
 
 
+def test_library_vectors_arrow_stores_the_prototypes(tmp_path, capsys):
+  """`library vectors LIB arrow` stores what routers/arrow*.gin read (before: Python only)."""
+  from phatgoose_jax.library import ExpertLibrary
+  from phatgoose_jax.methods import arrow
+  lib = str(tmp_path / "lib")
+  assert run_cli(capsys, "library", "create", lib, "--base", MODEL)[0] == 0
+  for task in ("task_a", "task_b"):
+    assert run_cli(capsys, "library", "add", lib, task, "--peft",
+                   os.path.join(ADAPTERS, task))[0] == 0
+  code, out, err = run_cli(capsys, "library", "vectors", lib, "arrow", "--experts", "task_b")
+  assert code == 0 and "of 1 expert(s)" in out, err
+  opened = ExpertLibrary.open(lib)
+  assert "arrow" in opened.metadata("task_b")["vectors"]
+  assert "arrow" not in opened.metadata("task_a").get("vectors", [])
+  code, out, err = run_cli(capsys, "library", "vectors", lib, "arrow")
+  assert code == 0 and "of 1 expert(s)" in out  # task_b kept, task_a computed
+  stacked = ExpertLibrary.open(lib).stack(["task_a"], vectors="arrow")
+  want = arrow.expert_arrow_vectors(ExpertLibrary.open(lib).load("task_a").lora)
+  for site, v in want.items():
+    np.testing.assert_allclose(stacked[site]["gates"][0], v, rtol=1e-6)
+  code, _, err = run_cli(capsys, "library", "vectors", lib, "arrow", "--experts", "nope")
+  assert_one_line_error(code, err, "--experts", "nope")
+
+
 def _write_export(model_dir, fingerprint, with_gate=True):
   from phatgoose_jax.checkpoints import load_checkpoint
   from phatgoose_jax.library import site_shapes, to_adapters_tree
@@ -175,3 +199,17 @@ def test_pass_through_commands_print_their_usage(argv, module, capsys):
   assert cli.run(argv) == 0
   out = capsys.readouterr().out
   assert f"python -m phatgoose_jax.{module}" in out and "--gin" in out
+
+
+def test_train_errors_carry_no_gin_call_site_suffix(tmp_path, capsys):
+  """An error raised inside the gin-called train() is one line without gin's
+  "In call to configurable 'train' (<function train at 0x...>)"."""
+  import gin
+  try:
+    code, _, err = run_cli(capsys, "train-expert", f"--gin.MODEL_DIR='{tmp_path}/m'",
+                           "--gin.MIXTURE_OR_TASK_NAME='x'",
+                           f"--gin.INITIAL_CHECKPOINT_PATH='{tmp_path}/nockpt'")
+  finally:
+    gin.clear_config()
+  assert_one_line_error(code, err)
+  assert "In call to configurable" not in err and "0x" not in err

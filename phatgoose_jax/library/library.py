@@ -111,7 +111,8 @@ class ExpertLibrary:
     fingerprint = fmt.as_fingerprint(base_fingerprint)
     if os.path.exists(os.path.join(path, fmt.LIBRARY_FILE)):
       if not exist_ok:
-        raise LibraryError(f"{path} already holds an expert library; use ExpertLibrary.open")
+        raise LibraryError(f"{path} already holds an expert library (open it, or create a new "
+                           "one elsewhere)")
       lib = cls.open(path)
       if lib.base_fingerprint != fingerprint:
         raise LibraryError(f"{path}: field 'base_fingerprint' is {lib.base_fingerprint}, not "
@@ -320,7 +321,8 @@ class ExpertLibrary:
       raise LibraryError(f"expert {name!r}: field 'base_fingerprint' is {base_fingerprint}, the "
                          f"library's base model is {self.base_fingerprint}")
     if name in self._index["experts"] and not overwrite:
-      raise LibraryError(f"expert {name!r} already exists in {self.path}; pass overwrite=True")
+      raise LibraryError(f"expert {name!r} already exists in {self.path}; replace it with "
+                         "--overwrite (CLI) / overwrite=True")
     try:
       scale = float(scale)
     except (TypeError, ValueError):
@@ -515,9 +517,12 @@ class ExpertLibrary:
     if vectors is not None:
       lacking = [e.name for e in experts if vectors not in e.vectors]
       if lacking:
-        raise LibraryError(
-            f"stack: expert(s) {lacking} have no {vectors!r} vectors; store them with "
-            f"ExpertLibrary.set_vectors(name, {vectors!r}, ...) or pass vectors=None")
+        how = {"gate": "add each expert from its gate run's MODEL_DIR (runs/train_gate.gin), "
+                       "not from the expert run",
+               "arrow": f"run `phatgoose-jax library vectors {self.path} arrow`",
+               "average_activation": "compute them with phatgoose_jax.methods.average_activation"
+               }.get(vectors, f"store them with ExpertLibrary.set_vectors(name, {vectors!r}, ...)")
+        raise LibraryError(f"stack: expert(s) {lacking} have no {vectors!r} vectors; {how}")
     r_max = max(e.rank for e in experts)
     out: Stacked = {}
     for site in sites:

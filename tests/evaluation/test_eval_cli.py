@@ -123,3 +123,34 @@ def test_eval_output_dir_is_checked_before_the_evaluation(tmp_path):
     eval_lib.evaluate(mixture_or_task_name="x", task_feature_lengths=lengths,
                       initial_checkpoint_path="/nonexistent",
                       eval_output_dir=str(a_file / "sub" / "out"))
+
+
+@pytest.mark.parametrize("router", ["merged", "polytropon", "mhr", "task_moe", "dfwe", "lorahub",
+                                    "retrieval", "average_activation_build"])
+def test_method_router_files_are_refused_not_silently_routed(router, capsys):
+  """These files configure phatgoose_jax.methods (Python API, demo): eval used to ignore them
+  and report PHATGOOSE routing under the label 'base'."""
+  gin.clear_config()
+  try:
+    code = eval_lib.main(["--gin_file=models/tiny.gin", "--gin_file=runs/eval.gin",
+                          f"--gin_file=routers/{router}.gin", "--gin.CHECKPOINT_PATH='/c'",
+                          "--gin.MIXTURE_OR_TASK_NAME='x'", "--gin.EVAL_OUTPUT_DIR='/tmp/x'"])
+  finally:
+    gin.clear_config()
+  err = capsys.readouterr().err
+  assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+  assert "phatgoose_jax.methods." in err and "which phatgoose_jax.eval does not run" in err
+  assert "routers/single_expert.gin" in err
+
+
+def test_help_and_unquoted_string_values(capsys):
+  assert eval_lib.main(["--help"]) == 0
+  assert "python -m phatgoose_jax.eval --gin_file=" in capsys.readouterr().out
+  gin.clear_config()
+  try:
+    code = eval_lib.main(["--gin_file=runs/eval.gin", "--gin.EVAL_OUTPUT_DIR=/tmp/x/y"])
+  finally:
+    gin.clear_config()
+  err = capsys.readouterr().err
+  assert code == 2 and err.count("\n") == 1
+  assert "'EVAL_OUTPUT_DIR=/tmp/x/y'" in err and "inner quotes" in err
