@@ -15,6 +15,7 @@ import os
 import re
 import sys
 
+_REPEATED_SCOPE = re.compile(r"(\s+in scope '[^']*')(?:\s+in scope '[^']*')+")
 _GIN_SUFFIX = re.compile(r"\s*\|?\s*In call to configurable '[^']*' \(<[^>]*>\)")
 
 
@@ -39,5 +40,7 @@ def quiet_tensorflow_import() -> None:
 def clean_message(error: BaseException) -> str:
   """``str(error)`` on one line (' | '-joined), gin's call-site suffixes removed."""
   text = _GIN_SUFFIX.sub("", str(error))
+  # gin appends "in scope 'X'" once per enclosing scope evaluation: keep the first of a run
+  text = _REPEATED_SCOPE.sub(r"\1", text)
   parts = [p.strip() for p in text.strip().strip('"').splitlines() if p.strip()]
   return " | ".join(parts) if parts else type(error).__name__

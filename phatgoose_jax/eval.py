@@ -18,12 +18,14 @@ No tensors here, so no einsum letters are used.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
 from typing import Any, Mapping, Optional, Sequence
 
 import gin
+import jax
 import numpy as np
 
 from phatgoose_jax import cpu_malloc
@@ -130,8 +132,14 @@ def evaluate(mixture_or_task_name: str = gin.REQUIRED,
              num_examples: Optional[int] = None,
              length_normalize: bool = True,
              t5_config: Optional[T5Config] = None,
-             routing_trace_examples: int = 0) -> dict:
+             routing_trace_examples: int = 0,
+             num_partitions: int = 1) -> dict:
   """Evaluates a base model or a routed expert library on a seqio task/mixture.
+
+  On several devices (one host) the base parameters and the library are placed on a ``('data',
+  'model')`` mesh by the logical-axis rules and the steps run under it
+  (`evaluation.placement`): batches split over ``data``, kernels (and a library's experts) as in
+  training.
 
   Args:
     mixture_or_task_name: MIXTURE_OR_TASK_NAME.
@@ -151,6 +159,7 @@ def evaluate(mixture_or_task_name: str = gin.REQUIRED,
     t5_config: model config to check the checkpoint against (default: the checkpoint's).
     routing_trace_examples: > 0 writes routing statistics and a heatmap from that many examples of
       the first task (top-k routers only).
+    num_partitions: NUM_PARTITIONS, the mesh's ``model`` axis (t5x's ``num_partitions``).
 
   Returns:
     {task: metrics}.
@@ -185,10 +194,17 @@ def evaluate(mixture_or_task_name: str = gin.REQUIRED,
     method_name = adapter_config.router
   model = build_model(config, adapter_config)
   variables = {"params": params, "adapters": adapters}
-  metrics = evaluator.run_seqio_evaluation(name, model, variables, task_feature_lengths=lengths,
-                                           split=split, batch_size=batch_size,
-                                           num_examples=num_examples,
-                                           length_normalize=length_normalize)
+  scope = contextlib.nullcontext()
+  if jax.device_count() > 1 or num_partitions != 1:  # a mesh: params and library sharded
+    from phatgoose_jax.evaluation import placement  # pylint: disable=g-import-not-at-top
+    from phatgoose_jax.training import partitioning  # pylint: disable=g-import-not-at-top
+    variables, mesh, rules = placement.place_for_evaluation(model, variables, num_partitions)
+    scope = partitioning.partitioning_scope(mesh, rules)
+  with scope:
+    metrics = evaluator.run_seqio_evaluation(name, model, variables,
+                                             task_feature_lengths=lengths, split=split,
+                                             batch_size=batch_size, num_examples=num_examples,
+                                             length_normalize=length_normalize)
   rows = []
   for task, values in metrics.items():
     numeric = {k: v for k, v in values.items() if isinstance(v, float)}

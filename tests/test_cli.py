@@ -213,3 +213,9 @@ def test_train_errors_carry_no_gin_call_site_suffix(tmp_path, capsys):
     gin.clear_config()
   assert_one_line_error(code, err)
   assert "In call to configurable" not in err and "0x" not in err
+
+
+def test_clean_message_keeps_one_gin_scope_of_a_run():
+  from phatgoose_jax import errors
+  e = ValueError("P3 source 'tfrecord' needs p3_dir in scope 'M' in scope 'M' in scope 'M'")
+  assert errors.clean_message(e) == "P3 source 'tfrecord' needs p3_dir in scope 'M'"

@@ -145,11 +145,11 @@ class P3Reader:
     if kind not in SOURCE_KINDS:
       raise P3DataError(f"P3 source kind {kind!r} is not one of {SOURCE_KINDS}")
     if kind == "tfrecord" and not p3_dir:
-      raise P3DataError("P3 source 'tfrecord' needs p3_dir (the bigscience/P3 "
-                        "checkout holding data/<config>/)")
+      raise P3DataError("P3 source 'tfrecord' needs p3_dir (P3_DIR in the data gin: the "
+                        "bigscience/P3 checkout holding data/<config>/)")
     if kind in ("jsonl", "parquet") and not data_dir:
-      raise P3DataError(f"P3 source {kind!r} needs data_dir (files under "
-                        "<data_dir>/p3/<config>/<split>.<ext>)")
+      raise P3DataError(f"P3 source {kind!r} needs data_dir (DATA_DIR in the data gin: files "
+                        "under <data_dir>/p3/<config>/<split>.<ext>)")
     self.kind, self.data_dir, self.p3_dir = kind, data_dir, p3_dir
     self.hf_path, self.hf_kwargs = hf_path, dict(hf_kwargs or {})
 

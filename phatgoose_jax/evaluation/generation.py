@@ -19,6 +19,7 @@ import numpy as np
 
 from phatgoose_jax.evaluation import scoring
 from phatgoose_jax.models.decoding import greedy_decode
+from phatgoose_jax.training import partitioning
 
 
 def generate_tokens(model: nn.Module, variables: Mapping[str, Any], encoder_input_tokens: Any,
@@ -52,6 +53,8 @@ def generate_tokens(model: nn.Module, variables: Mapping[str, Any], encoder_inpu
   if bsz < 1:
     raise scoring.ScoringError(f"generate_tokens: batch_size must be >= 1, got {batch_size}")
   bsz = min(bsz, max(n, 1))
+  shards = partitioning.active_batch_shards()  # under a mesh: a multiple of the data shards
+  bsz = -(-bsz // shards) * shards
   if trim:
     enc = enc[:, :scoring.bucket_size(max(scoring.used_length(enc), 1), cap=enc.shape[1])]
   variables = scoring.model_variables(variables)

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from phatgoose_jax.models.scoring import sequence_scores
+from phatgoose_jax.training import partitioning
 
 Array = jax.Array
 SiteInputs = Optional[Mapping[str, Any]]
@@ -185,8 +186,11 @@ def score_rows(model: nn.Module, variables: Mapping[str, Any], encoder_input_tok
   rows = n if pad_rows_to is None else int(pad_rows_to)
   if rows < n:
     raise ScoringError(f"score_rows: pad_rows_to={rows} is smaller than the {n} rows")
-  # Bucketed shapes: rows fixed, inputs and lengths rounded up to powers of two.
+  # Bucketed shapes: rows fixed, inputs and lengths rounded up to powers of two; under a
+  # `partitioning_scope` both batch dims are multiples of the data shards (padding rows).
   u = bucket_size(enc.shape[0], cap=max(rows, enc.shape[0]), minimum=1)
+  shards = partitioning.active_batch_shards()
+  rows, u = -(-rows // shards) * shards, -(-u // shards) * shards
   length_l, length_t = enc.shape[1], targets.shape[1]
   if trim:
     length_l = bucket_size(max(used_length(enc), 1), cap=length_l)

@@ -18,6 +18,7 @@ Letters: B batch, L length, D model width, E experts, R LoRA rank.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any, Mapping, Optional, Sequence, Tuple, Union
@@ -164,6 +165,31 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
   """Sharding of a ``[B, L, ...]`` input array: ``batch`` on its mesh axis, the rest replicated."""
   spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), rules)
   return NamedSharding(mesh, spec)
+
+
+_ACTIVE_SCOPES: list = []  # (mesh, rules) of the `partitioning_scope`s entered, innermost last
+
+
+@contextlib.contextmanager
+def partitioning_scope(mesh: Mesh, rules: Rules):
+  """Mesh + logical axis rules in scope while steps are traced, so the model's
+  `layers.logical_constraint` activations are sharded by the one rules table (as t5x's
+  partitioner traces under its mesh and rules). `active_batch_shards` reads the innermost one."""
+  set_mesh = getattr(jax, "set_mesh", None) or getattr(jax.sharding, "use_mesh", None)
+  with contextlib.ExitStack() as stack:
+    stack.enter_context(set_mesh(mesh) if set_mesh is not None else mesh)
+    stack.enter_context(nn.logical_axis_rules(tuple(rules)))
+    _ACTIVE_SCOPES.append((mesh, tuple(rules)))
+    try:
+      yield
+    finally:
+      _ACTIVE_SCOPES.pop()
+
+
+def active_batch_shards() -> int:
+  """`batch_shards` of the innermost `partitioning_scope` (1 outside any): evaluation pads its
+  batches to a multiple of it."""
+  return batch_shards(*_ACTIVE_SCOPES[-1]) if _ACTIVE_SCOPES else 1
 
 
 def batch_shards(mesh: Mesh, rules: Rules) -> int:

@@ -277,15 +277,8 @@ class Trainer:
         out_shardings=self._replicated)
 
   def _partitioning(self):
-    """Mesh + logical axis rules in scope while the steps are traced, so the model's
-    `layers.logical_constraint` activations are sharded by the one rules table (as t5x's
-    partitioner traces under its mesh and rules)."""
-    import contextlib  # pylint: disable=g-import-not-at-top
-    stack = contextlib.ExitStack()
-    set_mesh = getattr(jax, "set_mesh", None) or getattr(jax.sharding, "use_mesh", None)
-    stack.enter_context(set_mesh(self.mesh) if set_mesh is not None else self.mesh)
-    stack.enter_context(nn.logical_axis_rules(self.rules))
-    return stack
+    """`partitioning.partitioning_scope` of this trainer's mesh and rules."""
+    return partitioning.partitioning_scope(self.mesh, self.rules)
 
   def _device_batch(self, batch: Batch) -> dict:
     keys = BATCH_KEYS + ("decoder_loss_weights",) + self.site_input_keys

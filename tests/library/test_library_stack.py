@@ -86,7 +86,8 @@ def test_stack_errors(tmp_path, lib):
   with pytest.raises(LibraryError, match="no experts to stack"):
     lib.stack(names=[])
   lib.add("nogate", make_lora(3), 1.0)
-  with pytest.raises(LibraryError, match=r"\['nogate'\] have no 'gate' vectors.*set_vectors"):
+  with pytest.raises(LibraryError, match=r"\['nogate'\] have no 'gate' vectors.*gate run's "
+                     "MODEL_DIR"):
     lib.stack()
   with pytest.raises(LibraryError, match="'prototype_arrow'"):
     lib.stack(["e0"], vectors="prototype_arrow")
