@@ -69,6 +69,10 @@ def place_stacked(stacked: Mapping[str, Mapping[str, Any]], mesh: Any,
                   expert_axis: Optional[str]) -> Dict[str, Dict[str, Any]]:
   """Puts stacked arrays on ``mesh`` sharded along the expert axis (leading dim), others replicated.
 
+  The expert dim only: the Trainer and `evaluation.placement` place a model's library by the whole
+  logical-axis rules table instead (also ``lora_b``'s output dim over ``model``; an E that does not
+  divide its axis is replicated there with a warning, refused here).
+
   Args:
     stacked: output of `ExpertLibrary.stack`.
     mesh: a ``jax.sharding.Mesh``.
