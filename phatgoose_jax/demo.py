@@ -400,6 +400,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--seed", type=int, default=0, help="the one seed (default 0)")
   parser.add_argument("--quick", action="store_true",
                       help="reduced sizes (the test's configuration; numbers are meaningless)")
+  parser.epilog = ("gin flags override DemoConfig fields: --gin_file=runs/demo.gin (the "
+                   "defaults, documented) and --gin.DemoConfig.FIELD=VALUE, e.g. "
+                   "--gin.DemoConfig.expert_steps=600")
 
 
 def run_from_args(args: argparse.Namespace, gin_flags: Sequence[str] = ()) -> int:
