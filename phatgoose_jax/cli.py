@@ -71,10 +71,19 @@ def _library_add(args) -> int:
   from phatgoose_jax.library import ExpertLibrary, add_peft_adapter, lora_from_adapters_tree  # pylint: disable=g-import-not-at-top
   from phatgoose_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
   lib = ExpertLibrary.open(_require_path(args.path, "expert library"))
-  if (args.peft is None) == (args.source is None):
-    raise CliError("library add: give exactly one of SOURCE (a training run or its export/) "
-                   "and --peft ADAPTER_DIR")
-  if args.peft is not None:
+  if sum(x is not None for x in (args.source, args.peft, args.official)) != 1:
+    raise CliError("library add: give exactly one of SOURCE (a training run or its export/), "
+                   "--peft ADAPTER_DIR and --official BEST_PT")
+  if args.official is not None:
+    from phatgoose_jax.library import import_phatgoose_checkpoint  # pylint: disable=g-import-not-at-top
+    _require_path(args.official, "--official checkpoint", kind="any")
+    index = args.expert_index
+    if index is not None and index.isdigit():
+      index = int(index)
+    lora, scale, gates, info = import_phatgoose_checkpoint(args.official, index)
+    lib.add(args.name, lora, scale, task=args.task, gates=gates, provenance=info,
+            overwrite=args.overwrite)
+  elif args.peft is not None:
     _require_path(args.peft, "--peft adapter folder")
     add_peft_adapter(lib, args.name, args.peft, task=args.task, overwrite=args.overwrite)
   else:
@@ -200,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("source", nargs="?", default=None,
                  help="training run MODEL_DIR, its export/ or a lora.safetensors")
   p.add_argument("--peft", default=None, help="HF PEFT LoRA adapter folder instead of SOURCE")
+  p.add_argument("--official", default=None,
+                 help="an official PHATGOOSE PyTorch best.pt instead of SOURCE (torch extra)")
+  p.add_argument("--expert-index", default=None,
+                 help="with --official: which expert of a multi-expert checkpoint")
   p.add_argument("--task", default=None, help="task name recorded with the expert")
   p.add_argument("--overwrite", action="store_true", help="replace an expert of that name")
   p.set_defaults(func=_library_add)

@@ -246,7 +246,7 @@ def import_phatgoose_checkpoint(path: str, expert_index: Optional[ExpertId] = No
   if expert_index is None:
     if len(experts) != 1:
       raise LibraryError(f"{path}: holds {len(experts)} experts {list(experts)}; pass "
-                         "expert_index")
+                         "expert_index (CLI: --expert-index)")
     return next(iter(experts.values()))
   if expert_index not in experts:
     raise LibraryError(f"{path}: expert_index {expert_index!r} not found; available "

@@ -160,3 +160,20 @@ def test_a1_stack_router_is_skipped_and_reported(tmp_path):
     np.testing.assert_array_equal(lora[site]["lora_b"], b)
   assert gates is None and info["gate_source"] is None
   assert info["stack_routers"] == ["decoder"]
+
+
+def test_cli_library_add_official(tmp_path, capsys):
+  """`phatgoose-jax library add LIB NAME --official best.pt [--expert-index I]`."""
+  torch = pytest.importorskip("torch")
+  from phatgoose_jax import cli  # pylint: disable=g-import-not-at-top
+  experts = _experts(3, rank=3, seed=4)
+  path = _save(torch, tmp_path / "best.pt", experts, with_router=True)
+  lib = ExpertLibrary.create(str(tmp_path / "lib"), "sha256:" + "22" * 32, CONFIG)
+  assert cli.main(["library", "add", lib.path, "e1", "--official", path,
+                   "--expert-index", "1"]) == 0, capsys.readouterr().err
+  want, _, _, _ = import_phatgoose_checkpoint(path, expert_index=1)
+  got = ExpertLibrary.open(lib.path).load("e1").lora
+  for site, leaves in want.items():
+    np.testing.assert_array_equal(got[site]["lora_a"], leaves["lora_a"])
+  assert cli.main(["library", "add", lib.path, "e2", "--official", path]) == 2  # 3 experts
+  assert "pass expert_index" in capsys.readouterr().err
