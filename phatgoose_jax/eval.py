@@ -34,6 +34,7 @@ from phatgoose_jax.adapters import AdapterConfig, build_model
 from phatgoose_jax.models.config import T5Config
 
 TRACED_ROUTERS = ("phatgoose", "average_activation", "arrow", "arrow_phatgoose")
+VECTORLESS_ROUTERS = ("uniform", "example_weights")
 
 
 class EvalConfigError(ValueError):
@@ -71,13 +72,16 @@ def _adapters(library_path: Optional[str], experts: Optional[Sequence[str]],
       raise LibraryError(f"library {library_path}: field 'base_fingerprint' is "
                          f"{lib.base_fingerprint}, but CHECKPOINT_PATH has {fingerprint}")
   names = list(experts) if experts else lib.names()
+  cfg = AdapterConfig(mode="routed", num_experts=len(names))
+  if vectors is None and cfg.router not in VECTORLESS_ROUTERS:
+    raise EvalConfigError(f"router {cfg.router!r} routes by library vectors, but "
+                          "evaluate.router_vectors is None (use its routers/*.gin file)")
   stacked = lib.stack(names, vectors=vectors)
-  if vectors is None:  # routers that read no vectors ('uniform'): every routed site still
-    for leaves in stacked.values():  # declares [E, D] gates, unused; zeros stand in
+  if vectors is None:  # 'uniform' / 'example_weights' read no vectors, but every routed site
+    for leaves in stacked.values():  # declares [E, D] gates: unused zeros stand in
       if "gates" not in leaves:
         a = leaves["lora_a"]
         leaves["gates"] = np.zeros(a.shape[:2], a.dtype)
-  cfg = AdapterConfig(mode="routed", num_experts=len(names))
   return cfg, to_adapters_tree(stacked), names
 
 
@@ -220,7 +224,7 @@ def evaluate(mixture_or_task_name: str = gin.REQUIRED,
     stats = _routing_report(
         config, adapter_config, variables, first, dict(lengths), split, routing_trace_examples,
         out_dir, expert_names)
-  if rows:
+  if rows and jax.process_index() == 0:  # one writer on several hosts
     report.write_report(out_dir, rows, routing_stats=stats, expert_names=expert_names or None,
                         title=f"{method_name} on {name} ({split})",
                         extra={"mixture_or_task_name": name, "checkpoint": ckpt,

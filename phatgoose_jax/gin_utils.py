@@ -118,14 +118,29 @@ def _macro_references(value, found: List[str]) -> None:
 
 
 def undefined_macros() -> List[str]:
-  """Names of macros referenced as ``%NAME`` in the parsed config but never defined."""
+  """Names of macros that a configurable binding uses (directly, or through other macros) as
+  ``%NAME`` but that no file or flag defines. A macro only another unused macro refers to (e.g.
+  ``CHECKPOINT_PATH = %INITIAL_CHECKPOINT_PATH`` once the evaluate binding is overridden) is not
+  reported: gin never evaluates it."""
   config = gin.config._CONFIG  # pylint: disable=protected-access
-  defined = {scope for (scope, selector) in config if selector == "gin.macro"}
-  referenced: List[str] = []
-  for values in config.values():
-    for value in values.values():
-      _macro_references(value, referenced)
-  return sorted(set(referenced) - defined)
+  macros = {scope: values.get("value") for (scope, selector), values in config.items()
+            if selector == "gin.macro"}
+  pending: List[str] = []
+  for (_, selector), values in config.items():
+    if selector != "gin.macro":
+      for value in values.values():
+        _macro_references(value, pending)
+  seen, missing = set(), set()
+  while pending:
+    name = pending.pop()
+    if name in seen:
+      continue
+    seen.add(name)
+    if name in macros:
+      _macro_references(macros[name], pending)
+    else:
+      missing.add(name)
+  return sorted(missing)
 
 
 def parse_gin(gin_files: Sequence[str], bindings: Sequence[str] = (),

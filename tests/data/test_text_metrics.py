@@ -87,6 +87,8 @@ def test_p3_validation_uses_the_official_metric_list():
 
   assert names("xsum") == ["bleu", "rouge_l_only"]  # ('bleu', 'rouge')
   assert names("samsum") == ["rouge_l_only"]
+  # official gin: metrics ['blue', 'rouge'], the misspelling is ignored by its Scorer
+  assert names("hotpot_qa") == ["rouge_l_only"]
   assert names("ropes") == names("quoref") == ["squad"]
   assert names("quarel") == ["rank_classification_accuracy"]
   for spec in p3_catalog.P3_DATASETS:  # every generative dataset gets its listed metrics

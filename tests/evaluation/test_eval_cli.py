@@ -154,3 +154,44 @@ def test_help_and_unquoted_string_values(capsys):
   err = capsys.readouterr().err
   assert code == 2 and err.count("\n") == 1
   assert "'EVAL_OUTPUT_DIR=/tmp/x/y'" in err and "inner quotes" in err
+
+
+def test_an_unused_macro_chain_is_not_reported(capsys):
+  """Binding evaluate.initial_checkpoint_path directly leaves CHECKPOINT_PATH (and the
+  INITIAL_CHECKPOINT_PATH it refers to) unused: no 'not defined' error for them."""
+  gin.clear_config()
+  try:
+    code = eval_lib.main(["--gin_file=models/tiny.gin", "--gin_file=runs/eval.gin",
+                          "--gin.MIXTURE_OR_TASK_NAME='x'", "--gin.EVAL_OUTPUT_DIR='/tmp/x'",
+                          "--gin.phatgoose_jax.eval.evaluate.initial_checkpoint_path='/c'"])
+  finally:
+    gin.clear_config()
+  err = capsys.readouterr().err
+  assert code == 2 and "not defined" not in err and "unknown seqio task" in err
+
+
+def test_a_top_k_router_without_vectors_is_refused(tmp_path):
+  """router_vectors=None is for 'uniform' / 'example_weights'; a top-k router would route on
+  zero gates."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from phatgoose_jax.library import ExpertLibrary, site_shapes  # pylint: disable=g-import-not-at-top
+  from phatgoose_jax.models.config import tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config(num_encoder_layers=1, num_decoder_layers=1)
+  lib = ExpertLibrary.create(str(tmp_path / "lib"), "sha256:" + "11" * 32, config)
+  rng = np.random.default_rng(0)
+  for name in ("e0", "e1"):
+    lib.add(name, {site: {"lora_a": rng.normal(size=(d, 2)).astype(np.float32),
+                          "lora_b": rng.normal(size=(2, f)).astype(np.float32)}
+                   for site, (d, f) in site_shapes(config).items()}, 0.5)
+  gin.clear_config()
+  try:
+    gin.bind_parameter("AdapterConfig.router", "phatgoose")
+    with pytest.raises(eval_lib.EvalConfigError, match="router 'phatgoose' routes by library"):
+      eval_lib._adapters(lib.path, None, None)  # pylint: disable=protected-access
+    gin.bind_parameter("AdapterConfig.router", "uniform")
+    _, tree, names = eval_lib._adapters(lib.path, None, None)  # pylint: disable=protected-access
+    assert names == ["e0", "e1"]
+    gates = tree["encoder"]["layers_0"]["attention"]["query"]["gates"]
+    assert gates.shape == (2, config.emb_dim) and not gates.any()
+  finally:
+    gin.clear_config()

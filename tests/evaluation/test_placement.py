@@ -33,6 +33,15 @@ with partitioning.partitioning_scope(mesh, rules):
   assert partitioning.active_batch_shards() == 4
   got = scoring.score_rows(model, placed, enc, tgt)
   got_tokens = generation.generate_tokens(model, placed, enc[:3], 4)
+# a library with more sites than an encoder-only routed model: the extra sites are unused
+enc_model = adapters.build_model(t5, adapters.AdapterConfig(
+    mode="routed", router="phatgoose", num_experts=8, rank=3, top_k=2, site_pattern="encoder/.*"))
+want_enc = scoring.score_rows(enc_model, variables, enc, tgt)
+placed_enc, mesh2, rules2 = placement.place_for_evaluation(enc_model, variables, num_partitions=2)
+assert "decoder" not in placed_enc["adapters"]
+with partitioning.partitioning_scope(mesh2, rules2):
+  got_enc = scoring.score_rows(enc_model, placed_enc, enc, tgt)
+enc_diff = float(max(np.abs(got_enc[k] - want_enc[k]).max() for k in want_enc))
 flat = lambda t: {"/".join(str(getattr(k, "key", k)) for k in p): v
                   for p, v in jax.tree_util.tree_flatten_with_path(t)[0]}
 specs = {k: [str(a) for a in v.sharding.spec] for k, v in {**flat(placed["params"]),
@@ -40,6 +49,7 @@ specs = {k: [str(a) for a in v.sharding.spec] for k, v in {**flat(placed["params
 print("REPORT", json.dumps({
     "mesh": dict(mesh.shape), "specs": specs,
     "score_diff": float(max(np.abs(got[k] - want[k]).max() for k in want)),
+    "encoder_only_diff": enc_diff,
     "tokens_equal": bool((got_tokens == want_tokens).all()),
     "lengths_equal": bool((got["length"] == want["length"]).all())}))
 """
@@ -54,6 +64,7 @@ def test_evaluation_on_a_mesh_equals_one_device():
   report = json.loads(proc.stdout.split("REPORT", 1)[1].strip().splitlines()[0])
   assert report["mesh"] == {"data": 4, "model": 2}
   assert report["score_diff"] < 1e-5 and report["tokens_equal"] and report["lengths_equal"]
+  assert report["encoder_only_diff"] < 1e-5
   specs = report["specs"]
   # kernels split over 'model', the library's 8 experts over 'data' (as in training)
   assert any("model" in s for k, s in specs.items() if k.endswith("wi_0/kernel")), specs
