@@ -237,6 +237,8 @@ def register_flan_tasks(vocabulary=gin.REQUIRED, source: str = "jsonl",
     gen_length = FLAN_EVAL_MAX_GEN_LENGTH.get(spec.phatgoose_name)
     # HF generate(max_length=max_gen_length) counts the decoder start token (as BIG-bench).
     registry.set_decode_length(name, gen_length - 1 if gen_length else None)
+    if spec.group == "p3" and spec.key.split("/", 1)[1] in p3_keys:
+      p3_tasks.set_validation_decode_length(name, p3_catalog.p3_dataset(spec.key.split("/", 1)[1]))
     names.append(p3_tasks.add_task(name, src, vocabulary, **metrics))
   p3_tasks.add_mixture(mixture_name, names)
   return names + [mixture_name]

@@ -56,6 +56,7 @@ import gin
 import numpy as np
 
 from phatgoose_jax.data import preprocessors as prep
+from phatgoose_jax.data import registry
 from phatgoose_jax.data.catalog import p3 as p3_catalog
 
 SOURCE_KINDS = ("tfrecord", "jsonl", "parquet", "hf")
@@ -445,6 +446,14 @@ def validation_metrics(spec: p3_catalog.DatasetSpec) -> dict:
               postprocess_fn=_text_postprocessor)
 
 
+def set_validation_decode_length(task: str, spec: p3_catalog.DatasetSpec) -> None:
+  """Records a generative dataset's official validation budget, ``max_gen_length - 1`` decoded
+  tokens (`catalog.p3.P3_EVAL_MAX_GEN_LENGTH`); choice datasets decode nothing."""
+  length = p3_catalog.P3_EVAL_MAX_GEN_LENGTH.get(spec.key)
+  registry.set_decode_length(task, length - 1 if spec.eval_interface == "gen" and length
+                             else None)
+
+
 def _text_postprocessor(output, example=None, is_target=False):
   del example, is_target
   return output.decode("utf-8") if isinstance(output, bytes) else str(output)
@@ -532,6 +541,7 @@ def register_p3_tasks(vocabulary=gin.REQUIRED, source: str = "tfrecord",
                     templates_source(reader, dataset_templates(spec), cap,
                                      name=f"P3 dataset {spec.key!r}", eval_spec=spec),
                     vocabulary, **validation_metrics(spec))
+    set_validation_decode_length(name, spec)
     names.append(name)
     rates.append((name, functools.partial(
         _t0_rate, reader=reader, spec=spec,

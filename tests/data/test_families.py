@@ -220,6 +220,7 @@ def test_flan_family(vocabulary):
   assert registry.decode_length("flan_flan2021_algebra__linear_1d:1.0.0") == 3
   assert registry.decode_length("flan_niv2_Entity_Relation_Classification") == 1
   assert registry.decode_length("flan_p3_quarel") is None
+  assert registry.decode_length("flan_p3_xsum") == 255  # p3_t5xl.gin max_gen_length 256
   # NIv2 with a supplied task-name list.
   flan_tasks.register_flan_tasks(
       vocabulary, source="jsonl", data_dir=str(DATA),

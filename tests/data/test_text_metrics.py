@@ -111,3 +111,17 @@ def test_dataset_score_averages_the_official_metrics():
   scores = task_validation.validation_scores({"p3_xsum": metrics})
   assert scores["p3_xsum/score"] == pytest.approx((metrics["bleu"] + metrics["rougeL"]) / 2)
   assert scores["average_score"] == scores["p3_xsum/score"]
+
+
+def test_p3_validation_decode_budgets_are_the_official_ones():
+  """Every generative P3 dataset has its p3_t5xl.gin max_gen_length; decoding stops one token
+  earlier (HF generate counts the start token); choice datasets record none."""
+  from phatgoose_jax.data import registry  # pylint: disable=g-import-not-at-top
+  gen = {d.key for d in p3_catalog.P3_DATASETS if d.eval_interface == "gen"}
+  assert set(p3_catalog.P3_EVAL_MAX_GEN_LENGTH) == gen
+  specs = {d.key: d for d in p3_catalog.P3_DATASETS}
+  p3_tasks.set_validation_decode_length("probe_ropes", specs["ropes"])
+  p3_tasks.set_validation_decode_length("probe_quarel", specs["quarel"])
+  assert registry.decode_length("probe_ropes") == 15  # max_gen_length 16
+  assert registry.decode_length("probe_quarel") is None
+  assert p3_catalog.P3_EVAL_MAX_GEN_LENGTH["xsum"] == 256

@@ -398,6 +398,15 @@ IGNORED_PROMPTSOURCE_NAMES: dict[str, tuple[str, ...]] = {
 
 _BY_KEY = {d.key: d for d in P3_DATASETS}
 
+# Greedy-decoding budget of each generative dataset's validation: ``max_gen_length`` of its
+# ``D/P3<NAME>/EVAL/InterfaceInfo`` in r-three/phatgoose colm/datasets/p3_t5xl.gin (HF generate
+# counts the start token: `p3_tasks` decodes at most ``max_gen_length - 1`` tokens).
+P3_EVAL_MAX_GEN_LENGTH = {
+    "samsum": 128, "ropes": 16, "wiki_bio": 256, "quoref": 32, "duorc_paraphrase_rc": 64,
+    "common_gen": 64, "gigaword": 128, "xsum": 256, "hotpot_qa": 64, "multi_news": 256,
+    "adversarial_qa": 128, "cnn_dailymail": 128,
+}
+
 
 def all_p3_keys() -> tuple[str, ...]:
   """Keys of the 36 held-in datasets in official expert order."""
