@@ -72,11 +72,11 @@ def _adapters(library_path: Optional[str], experts: Optional[Sequence[str]],
       raise LibraryError(f"library {library_path}: field 'base_fingerprint' is "
                          f"{lib.base_fingerprint}, but CHECKPOINT_PATH has {fingerprint}")
   names = list(experts) if experts else lib.names()
+  stacked = lib.stack(names, vectors=vectors)  # an empty library: the named error first
   cfg = AdapterConfig(mode="routed", num_experts=len(names))
   if vectors is None and cfg.router not in VECTORLESS_ROUTERS:
     raise EvalConfigError(f"router {cfg.router!r} routes by library vectors, but "
                           "evaluate.router_vectors is None (use its routers/*.gin file)")
-  stacked = lib.stack(names, vectors=vectors)
   if vectors is None:  # 'uniform' / 'example_weights' read no vectors, but every routed site
     for leaves in stacked.values():  # declares [E, D] gates: unused zeros stand in
       if "gates" not in leaves:
