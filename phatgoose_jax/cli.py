@@ -143,6 +143,35 @@ def _library_vectors(args) -> int:
   return 0
 
 
+def _average_activation_vectors(args, gin_flags: Sequence[str]) -> int:
+  """`library vectors LIB average_activation --gin_file=...`: the gin job of
+  runs/average_activation.gin (model preset + that file + the experts' data gin)."""
+  import gin  # pylint: disable=g-import-not-at-top
+  from phatgoose_jax import gin_utils  # pylint: disable=g-import-not-at-top
+  from phatgoose_jax.methods import average_activation  # pylint: disable=g-import-not-at-top
+  _require_path(args.path, "expert library")
+  files, bindings, paths, rest = gin_utils.split_flags(gin_flags)
+  if rest:
+    raise CliError(f"library vectors: unrecognized arguments: {' '.join(rest)}")
+  if not any(f.endswith("runs/average_activation.gin") for f in files):
+    raise CliError("library vectors LIB average_activation: pass --gin_file=MODEL_PRESET "
+                   "--gin_file=runs/average_activation.gin --gin_file=DATA_GIN (the experts' "
+                   "tasks run through the base model)")
+  bindings = list(bindings) + [f"LIBRARY_PATH={os.path.abspath(args.path)!r}"]
+  gin.clear_config()
+  try:
+    gin_utils.parse_gin(files, bindings, paths, finalize=False)
+    experts = [n for n in (args.experts or "").split(",") if n] or None
+    done = average_activation.build_library_vectors(experts=experts,  # pylint: disable=no-value-for-parameter
+                                                    overwrite=args.overwrite)
+  finally:
+    gin.clear_config()
+  print(f"stored 'average_activation' vectors of {len(done)} expert(s) in "
+        f"{os.path.abspath(args.path)}" + ("" if done else " (all had them; --overwrite "
+                                           "recomputes)"))
+  return 0
+
+
 def _library_info(args) -> int:
   from phatgoose_jax.library import ExpertLibrary  # pylint: disable=g-import-not-at-top
   lib = ExpertLibrary.open(_require_path(args.path, "expert library"))
@@ -224,10 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("path", help="library folder")
   p.add_argument("name", help="expert name")
   p.set_defaults(func=_library_remove)
-  p = acts.add_parser("vectors", help="compute router vectors from the experts' weights "
-                      "(Arrow prototypes, for routers/arrow*.gin)")
+  p = acts.add_parser("vectors", help="compute router vectors: 'arrow' from the experts' "
+                      "weights, 'average_activation' from their data (gin flags: model preset, "
+                      "runs/average_activation.gin, data gin)")
   p.add_argument("path", help="library folder")
-  p.add_argument("kind", choices=["arrow"], help="vector kind ('arrow': Ostapenko et al. 2024)")
+  p.add_argument("kind", choices=["arrow", "average_activation"],
+                 help="'arrow' (Ostapenko et al. 2024) or 'average_activation' (PHATGOOSE 5.1)")
   p.add_argument("--experts", default=None, help="comma-separated experts (default: all)")
   p.add_argument("--overwrite", action="store_true", help="recompute existing vectors")
   p.set_defaults(func=_library_vectors)
@@ -262,6 +293,8 @@ def run(argv: Sequence[str]) -> int:
     if bad:
       raise CliError(f"demo: unrecognized arguments: {' '.join(bad)}")
     return demo.run_from_args(args, rest)
+  if getattr(args, "action", None) == "vectors" and args.kind == "average_activation":
+    return _average_activation_vectors(args, rest)
   if rest:
     raise CliError(f"{args.command}: unrecognized arguments: {' '.join(rest)}")
   return args.func(args)

@@ -16,8 +16,9 @@ TRAIN_RUN_FILES = [p for p in RUN_FILES
                    if os.path.basename(p) in ("train_expert.gin", "train_gate.gin",
                                               "multitask.gin")]
 # Each run file has a parse/build test: the training ones here, eval.gin in
-# tests/evaluation/test_eval_cli.py, demo.gin in tests/test_demo.py.
-TESTED_ELSEWHERE = {"eval.gin", "demo.gin"}
+# tests/evaluation/test_eval_cli.py, demo.gin in tests/test_demo.py, average_activation.gin here
+# (parse) and in tests/reliability/test_eval_routers.py (the job).
+TESTED_ELSEWHERE = {"eval.gin", "demo.gin", "average_activation.gin"}
 REQUIRED = ["MODEL_DIR='/tmp/m'", "MIXTURE_OR_TASK_NAME='t'", "INITIAL_CHECKPOINT_PATH='/tmp/c'",
             "EXPERT_PATH='/tmp/e'"]
 
@@ -155,3 +156,12 @@ def test_log_every_none_is_refused():
   from phatgoose_jax import train as train_mod  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match="train.log_every must be a positive int, got None"):
     train_mod._check_paths_and_periods("/m", "/c", eval_every=None, log_every=None)  # pylint: disable=protected-access
+
+
+def test_average_activation_run_file_parses():
+  gin_utils.parse_gin(["models/t5_1_1_base.gin", "runs/average_activation.gin"],
+                      ["LIBRARY_PATH='/lib'"], finalize=False)
+  q = lambda p: gin.query_parameter(f"phatgoose_jax.methods.average_activation.{p}")
+  assert str(q("build_library_vectors.checkpoint_path")) == "%CHECKPOINT_PATH"
+  assert gin.query_parameter("%TASK_FEATURE_LENGTHS") == {"inputs": 512, "targets": 128}
+  assert q("AverageActivationConfig.max_examples") == 1000

@@ -241,8 +241,67 @@ def compute_average_activation_vectors(library: ExpertLibrary, params: Any,
   return done
 
 
+@gin.configurable(module="phatgoose_jax.methods.average_activation")
+def build_library_vectors(library_path: str = gin.REQUIRED, checkpoint_path: str = gin.REQUIRED,
+                          task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+                          task_module: Optional[Any] = None, batch_size: int = 32,
+                          experts: Optional[Sequence[str]] = None, overwrite: bool = False,
+                          config: Optional[AverageActivationConfig] = None
+                          ) -> Dict[str, Dict[str, np.ndarray]]:
+  """The gin job of `gin/runs/average_activation.gin` (`phatgoose-jax library vectors LIB
+  average_activation`): Average Activation prototypes of library experts, each from the first
+  ``config.max_examples`` rows of the seqio task recorded with the expert (its ``task`` field,
+  the training run's MIXTURE_OR_TASK_NAME), in order (no shuffling), with the expert active.
+
+  Args:
+    library_path: LIBRARY_PATH.
+    checkpoint_path: the base model (CHECKPOINT_PATH); its fingerprint must be the library's.
+    task_feature_lengths: TASK_FEATURE_LENGTHS of the batches.
+    task_module: MIXTURE_OR_TASK_MODULE (registers the experts' tasks).
+    batch_size: rows per forward pass.
+    experts: experts to process (default all).
+    overwrite: recompute experts that already have the vectors (default: skip them).
+    config: `AverageActivationConfig` (default: the gin-bound one).
+
+  Returns:
+    ``{name: {site: [D]}}`` of the experts processed.
+
+  Raises:
+    LibraryError: another base model, unknown experts, or an expert without a ``task``.
+  """
+  from phatgoose_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from phatgoose_jax.data import pipeline, registry  # pylint: disable=g-import-not-at-top
+  config = config or AverageActivationConfig()
+  library = ExpertLibrary.open(library_path)
+  names = library.names() if not experts else list(experts)
+  unknown = sorted(set(names) - set(library.names()))
+  if unknown:
+    raise LibraryError(f"{library_path}: experts {unknown} are not in the library")
+  if not overwrite:
+    names = [n for n in names if config.kind not in library.metadata(n).get("vectors", [])]
+  tasks = {n: library.metadata(n).get("task") for n in names}
+  lacking = sorted(n for n, t in tasks.items() if not t)
+  if lacking:
+    raise LibraryError(f"{library_path}: experts {lacking} record no 'task' (the seqio task of "
+                       "their training data); add them from their training runs or with --task")
+  registry.import_task_module(task_module)
+  for name, task in tasks.items():
+    registry.get_task_or_mixture(task)  # unknown tasks fail before any model work
+  _, params = checkpoints.load_checkpoint(checkpoint_path)
+  fingerprint = checkpoints.params_fingerprint(params)
+  if fingerprint != library.base_fingerprint:
+    raise LibraryError(f"library {library_path}: field 'base_fingerprint' is "
+                       f"{library.base_fingerprint}, but {checkpoint_path} has {fingerprint}")
+
+  def batches_for(name):
+    return pipeline.get_dataset(tasks[name], dict(task_feature_lengths), "train", batch_size,
+                                shuffle=False, num_epochs=1, drop_remainder=False)
+  return compute_average_activation_vectors(library, params, batches_for, names, config)
+
+
 __all__ = [
     "AVERAGE_ACTIVATION_KIND", "AverageActivationConfig", "AverageActivationError",
+    "build_library_vectors",
     "collecting_model", "compute_average_activation_vectors", "expert_average_activation",
     "flatten_site_means", "site_input_means", "sites_pattern",
 ]
