@@ -71,6 +71,8 @@ def _library_add(args) -> int:
   from phatgoose_jax.library import ExpertLibrary, add_peft_adapter, lora_from_adapters_tree  # pylint: disable=g-import-not-at-top
   from phatgoose_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
   lib = ExpertLibrary.open(_require_path(args.path, "expert library"))
+  if args.expert_index is not None and args.official is None:
+    raise CliError("library add: --expert-index needs --official BEST_PT")
   if sum(x is not None for x in (args.source, args.peft, args.official)) != 1:
     raise CliError("library add: give exactly one of SOURCE (a training run or its export/), "
                    "--peft ADAPTER_DIR and --official BEST_PT")
@@ -314,7 +316,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except KeyboardInterrupt:
     print(f"{PROG}: interrupted", file=sys.stderr)
     return 130
-  except (ValueError, OSError, KeyError, *gin_errors) as e:
+  except (ValueError, OSError, KeyError, ImportError, *gin_errors) as e:
     if debug:
       raise
     print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)

@@ -219,3 +219,35 @@ def test_clean_message_keeps_one_gin_scope_of_a_run():
   from phatgoose_jax import errors
   e = ValueError("P3 source 'tfrecord' needs p3_dir in scope 'M' in scope 'M' in scope 'M'")
   assert errors.clean_message(e) == "P3 source 'tfrecord' needs p3_dir in scope 'M'"
+
+
+def test_library_add_official_flag_errors(tmp_path, capsys, monkeypatch):
+  lib = str(tmp_path / "lib")
+  assert run_cli(capsys, "library", "create", lib, "--base", MODEL)[0] == 0
+  code, _, err = run_cli(capsys, "library", "add", lib, "x", str(tmp_path), "--expert-index", "1")
+  assert_one_line_error(code, err, "--expert-index needs --official")
+  (tmp_path / "best.pt").write_bytes(b"not a checkpoint")
+  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+  code, _, err = run_cli(capsys, "library", "add", lib, "x", "--official",
+                         str(tmp_path / "best.pt"))
+  assert_one_line_error(code, err, "torch")
+
+
+def test_library_vectors_average_activation_with_nothing_to_do_loads_nothing(tmp_path, capsys):
+  """Every expert already has the vectors: no checkpoint is read (a bad path is not touched)."""
+  from phatgoose_jax.library import ExpertLibrary
+  lib = str(tmp_path / "lib")
+  assert run_cli(capsys, "library", "create", lib, "--base", MODEL)[0] == 0
+  assert run_cli(capsys, "library", "add", lib, "a", "--peft", os.path.join(ADAPTERS, "task_a"),
+                 "--task", "t")[0] == 0
+  opened = ExpertLibrary.open(lib)
+  sites = opened.metadata("a")["sites"]
+  shapes = opened.stack(["a"], vectors=None)
+  opened.set_vectors("a", "average_activation",
+                     {s: np.zeros(shapes[s]["lora_a"].shape[1], np.float32) for s in sites})
+  code, out, err = run_cli(capsys, "library", "vectors", lib, "average_activation",
+                           "--gin_file=runs/average_activation.gin",
+                           "--gin.INITIAL_CHECKPOINT_PATH='/no/such/ckpt'",
+                           "--gin.MIXTURE_OR_TASK_MODULE=None")
+  assert code == 0, err
+  assert "of 0 expert(s)" in out and "--overwrite recomputes" in out

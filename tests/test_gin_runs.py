@@ -160,8 +160,14 @@ def test_log_every_none_is_refused():
 
 def test_average_activation_run_file_parses():
   gin_utils.parse_gin(["models/t5_1_1_base.gin", "runs/average_activation.gin"],
-                      ["LIBRARY_PATH='/lib'"], finalize=False)
+                      ["LIBRARY_PATH='/lib'", "MIXTURE_OR_TASK_MODULE=None"], finalize=False)
   q = lambda p: gin.query_parameter(f"phatgoose_jax.methods.average_activation.{p}")
   assert str(q("build_library_vectors.checkpoint_path")) == "%CHECKPOINT_PATH"
   assert gin.query_parameter("%TASK_FEATURE_LENGTHS") == {"inputs": 512, "targets": 128}
   assert q("AverageActivationConfig.max_examples") == 1000
+
+
+def test_average_activation_run_file_without_a_data_gin_names_the_macro():
+  with pytest.raises(gin_utils.GinConfigError, match="MIXTURE_OR_TASK_MODULE is not defined"):
+    gin_utils.parse_gin(["models/t5_1_1_base.gin", "runs/average_activation.gin"],
+                        ["LIBRARY_PATH='/lib'"], finalize=False)

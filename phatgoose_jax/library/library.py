@@ -520,7 +520,8 @@ class ExpertLibrary:
         how = {"gate": "add each expert from its gate run's MODEL_DIR (runs/train_gate.gin), "
                        "not from the expert run",
                "arrow": f"run `phatgoose-jax library vectors {self.path} arrow`",
-               "average_activation": "compute them with phatgoose_jax.methods.average_activation"
+               "average_activation": f"run `phatgoose-jax library vectors {self.path} "
+                                     "average_activation` (gin/runs/average_activation.gin)"
                }.get(vectors, f"store them with ExpertLibrary.set_vectors(name, {vectors!r}, ...)")
         raise LibraryError(f"stack: expert(s) {lacking} have no {vectors!r} vectors; {how}")
     r_max = max(e.rank for e in experts)

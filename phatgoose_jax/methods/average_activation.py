@@ -8,8 +8,11 @@ training data, and routes exactly as PHATGOOSE (router ``'average_activation'`` 
 `routing.phatgoose_route` with these vectors). How the official code (r-three/phatgoose) computes
 them, and what we do:
 
-  * Data: the first 1000 training examples of the expert's dataset (its averaged-hiddens bash
-    script binds ``max_examples_per_dataset=1000`` and the ``SaveAveragedHiddens`` processor).
+  * Data: 1000 training (example, template) pairs of the expert's dataset drawn at random (its
+    averaged-hiddens bash script binds ``max_examples_per_dataset=1000``, which
+    ``P3Dataset.truncate_dataset`` samples, and the ``SaveAveragedHiddens`` processor). Here
+    `build_library_vectors` draws a seeded uniform sample of the task's training rows
+    (`sample_rows`); `site_input_means` itself uses the first ``max_examples`` rows it is given.
   * Model state: the expert's own checkpoint (``exp_out/{EXP_NAME}``) in the single-expert routed
     architecture ``moe_lora_rank16_a2.gin`` without an input gate: the softmax over ONE expert is 1,
     so the expert's LoRA is active at weight 1 at every site while the activations are collected
@@ -241,33 +244,65 @@ def compute_average_activation_vectors(library: ExpertLibrary, params: Any,
   return done
 
 
+def sample_rows(batches: Iterable[Mapping[str, np.ndarray]], k: int, seed: int
+                ) -> list[dict[str, np.ndarray]]:
+  """A uniform sample of ``k`` rows of a stream of batches (all rows, in order, when there are
+  fewer): one pass of seeded reservoir sampling (Algorithm R), rows in reservoir-slot order."""
+  rng = np.random.default_rng(seed)
+  kept: list = []
+  seen = 0
+  for batch in batches:
+    n = len(next(iter(batch.values())))
+    for i in range(n):
+      if seen < k:
+        kept.append({key: np.asarray(v[i]) for key, v in batch.items()})
+      else:
+        j = int(rng.integers(0, seen + 1))
+        if j < k:
+          kept[j] = {key: np.asarray(v[i]) for key, v in batch.items()}
+      seen += 1
+  return kept
+
+
+def _rebatch(rows: Sequence[Mapping[str, np.ndarray]], batch_size: int):
+  for start in range(0, len(rows), batch_size):
+    part = rows[start:start + batch_size]
+    yield {key: np.stack([r[key] for r in part]) for key in part[0]}
+
+
 @gin.configurable(module="phatgoose_jax.methods.average_activation")
 def build_library_vectors(library_path: str = gin.REQUIRED, checkpoint_path: str = gin.REQUIRED,
                           task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
-                          task_module: Optional[Any] = None, batch_size: int = 32,
+                          task_module: Optional[Any] = gin.REQUIRED, batch_size: int = 32,
                           experts: Optional[Sequence[str]] = None, overwrite: bool = False,
+                          sample_seed: int = 42,
                           config: Optional[AverageActivationConfig] = None
                           ) -> Dict[str, Dict[str, np.ndarray]]:
   """The gin job of `gin/runs/average_activation.gin` (`phatgoose-jax library vectors LIB
-  average_activation`): Average Activation prototypes of library experts, each from the first
-  ``config.max_examples`` rows of the seqio task recorded with the expert (its ``task`` field,
-  the training run's MIXTURE_OR_TASK_NAME), in order (no shuffling), with the expert active.
+  average_activation`): Average Activation prototypes of library experts, each from a seeded
+  uniform sample of ``config.max_examples`` rows of the training split of the seqio task
+  recorded with the expert (its ``task`` field, the training run's MIXTURE_OR_TASK_NAME), with
+  the expert active. The official averaged-hiddens run also draws ``max_examples_per_dataset =
+  1000`` (example, template) pairs at random (``P3Dataset.truncate_dataset``, seed 42); the rows
+  drawn here differ (a reservoir sample over the seqio stream).
 
   Args:
     library_path: LIBRARY_PATH.
     checkpoint_path: the base model (CHECKPOINT_PATH); its fingerprint must be the library's.
     task_feature_lengths: TASK_FEATURE_LENGTHS of the batches.
-    task_module: MIXTURE_OR_TASK_MODULE (registers the experts' tasks).
+    task_module: MIXTURE_OR_TASK_MODULE (registers the experts' tasks), or None.
     batch_size: rows per forward pass.
     experts: experts to process (default all).
     overwrite: recompute experts that already have the vectors (default: skip them).
+    sample_seed: seed of the row sample.
     config: `AverageActivationConfig` (default: the gin-bound one).
 
   Returns:
     ``{name: {site: [D]}}`` of the experts processed.
 
   Raises:
-    LibraryError: another base model, unknown experts, or an expert without a ``task``.
+    LibraryError: another base model, unknown experts, an expert without a ``task``, a task
+      without a 'train' split or with no rows.
   """
   from phatgoose_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from phatgoose_jax.data import pipeline, registry  # pylint: disable=g-import-not-at-top
@@ -279,14 +314,19 @@ def build_library_vectors(library_path: str = gin.REQUIRED, checkpoint_path: str
     raise LibraryError(f"{library_path}: experts {unknown} are not in the library")
   if not overwrite:
     names = [n for n in names if config.kind not in library.metadata(n).get("vectors", [])]
+  if not names:
+    return {}
   tasks = {n: library.metadata(n).get("task") for n in names}
   lacking = sorted(n for n, t in tasks.items() if not t)
   if lacking:
     raise LibraryError(f"{library_path}: experts {lacking} record no 'task' (the seqio task of "
                        "their training data); add them from their training runs or with --task")
   registry.import_task_module(task_module)
-  for name, task in tasks.items():
-    registry.get_task_or_mixture(task)  # unknown tasks fail before any model work
+  for name, task in tasks.items():  # unknown tasks or splits fail before any model work
+    provider = registry.get_task_or_mixture(task)
+    if "train" not in provider.splits:
+      raise LibraryError(f"expert {name!r}: task {task!r} has no 'train' split "
+                         f"(splits {list(provider.splits)})")
   _, params = checkpoints.load_checkpoint(checkpoint_path)
   fingerprint = checkpoints.params_fingerprint(params)
   if fingerprint != library.base_fingerprint:
@@ -294,14 +334,18 @@ def build_library_vectors(library_path: str = gin.REQUIRED, checkpoint_path: str
                        f"{library.base_fingerprint}, but {checkpoint_path} has {fingerprint}")
 
   def batches_for(name):
-    return pipeline.get_dataset(tasks[name], dict(task_feature_lengths), "train", batch_size,
-                                shuffle=False, num_epochs=1, drop_remainder=False)
+    stream = pipeline.get_dataset(tasks[name], dict(task_feature_lengths), "train", batch_size,
+                                  shuffle=False, num_epochs=1, drop_remainder=False)
+    rows = sample_rows(stream, config.max_examples, sample_seed)
+    if not rows:
+      raise LibraryError(f"expert {name!r}: task {tasks[name]!r} has no training rows")
+    return _rebatch(rows, batch_size)
   return compute_average_activation_vectors(library, params, batches_for, names, config)
 
 
 __all__ = [
     "AVERAGE_ACTIVATION_KIND", "AverageActivationConfig", "AverageActivationError",
-    "build_library_vectors",
+    "build_library_vectors", "sample_rows",
     "collecting_model", "compute_average_activation_vectors", "expert_average_activation",
     "flatten_site_means", "site_input_means", "sites_pattern",
 ]

@@ -152,3 +152,20 @@ def test_gin_file_builds():
     assert ad.AdapterConfig(num_experts=3).router == "average_activation"
   finally:
     gin.clear_config()
+
+
+def test_sample_rows_is_a_seeded_uniform_reservoir():
+  """build_library_vectors' row sample: deterministic per seed, distinct rows, all rows (in
+  order) when there are fewer than k, and every row equally likely."""
+  from phatgoose_jax.methods.average_activation import sample_rows
+  stream = lambda: ({"x": np.arange(s, s + 4)[:, None]} for s in range(0, 20, 4))  # 20 rows
+  a = [int(r["x"][0]) for r in sample_rows(stream(), 5, seed=42)]
+  b = [int(r["x"][0]) for r in sample_rows(stream(), 5, seed=42)]
+  assert a == b and len(set(a)) == 5 and all(0 <= v < 20 for v in a)
+  assert a != [int(r["x"][0]) for r in sample_rows(stream(), 5, seed=7)]
+  assert [int(r["x"][0]) for r in sample_rows(stream(), 50, seed=0)] == list(range(20))
+  counts = np.zeros(20)
+  for seed in range(2000):
+    for r in sample_rows(stream(), 5, seed=seed):
+      counts[int(r["x"][0])] += 1
+  np.testing.assert_allclose(counts / 2000, 0.25, atol=0.05)  # k / n for every row
