@@ -14,9 +14,10 @@ Per site the flop floor over the base ``2*T*D*F`` is ``2*T*K*R*(D+F)`` (LoRA) pl
             ``PHATGOOSE_JAX_CPU_KERNEL=0`` for the pure-JAX choices;
   forward   whole T5-base forward (12+12 layers, batch 4, encoder 256 / decoder 32,
             teacher-forced, float32), base vs routed (E=36, 166);
-  decode    one cached greedy decoding step (batch 8, encoder 256, 16 tokens cached; a zero
-            cache at position 16 and the base encoder output serve every model: the step's
-            cost does not depend on their values);
+  decode    one cached greedy decoding step (batch 8, encoder 256, 16 tokens cached, the
+            cross-attention keys/values cached as `decoding.init_cache` does; a zero cache at
+            position 16 and the base encoder output serve every model: the step's cost does not
+            depend on their values);
   official  the official code's scheme in JAX (library re-stacked every call, a ``fori_loop``
             over all experts, each applied to every token under its routing mask) vs ours;
             ratio is reference/ours; whole model at E=36 only in ``--quick`` (its cost grows
@@ -496,10 +497,14 @@ def bench_decode(cfg: Settings) -> list:
   prev = jnp.zeros((cfg.decode_batch,), jnp.int32)
 
   def program(model, variables):
+    # The cache greedy decoding builds (`decoding.init_cache`): self-attention keys/values and
+    # the cross-attention keys/values of the encoder tokens, so a step projects (and routes)
+    # only the new token, as in real decoding.
     cache_shapes = jax.eval_shape(
         lambda v: model.apply(v, encoded, enc, dummy, dummy, enable_dropout=False, decode=True,
                               max_decode_length=max_len, mutable=["cache"],
-                              method=model.decode)[1]["cache"], variables)
+                              cache_cross_attention=True, method=model.decode)[1]["cache"],
+        variables)
     cache = jax.tree_util.tree_map_with_path(
         lambda path, s: (jnp.full(s.shape, cfg.decode_cached, s.dtype)
                          if "cache_index" in jax.tree_util.keystr(path) else
