@@ -26,6 +26,8 @@ import math
 import re
 from typing import Sequence, Union
 
+from phatgoose_jax.data.references import reference_lists
+
 Text = Union[str, bytes]
 
 MAX_ORDER = 4
@@ -109,15 +111,7 @@ def bleu(targets: Sequence[Union[Text, Sequence[Text]]],
   Raises:
     BleuError: when the lengths differ, there are no examples, or an example has no reference.
   """
-  if len(targets) != len(predictions):
-    raise BleuError(f"bleu: {len(targets)} targets vs {len(predictions)} predictions")
-  if not targets:
-    raise BleuError("bleu: no examples")
-  refs = []
-  for i, target in enumerate(targets):
-    group = [target] if isinstance(target, (str, bytes)) else list(target)
-    if not group:
-      raise BleuError(f"bleu: example {i} has no reference")
-    refs.append([tokenize_13a(r) for r in group])
+  refs = [[tokenize_13a(r) for r in group]
+          for group in reference_lists(targets, predictions, "bleu", BleuError)]
   hyps = [tokenize_13a(p) for p in predictions]
   return {"bleu": 100.0 * corpus_bleu(refs, hyps)}

@@ -15,6 +15,8 @@ import collections
 import re
 from typing import Sequence, Union
 
+from phatgoose_jax.data.references import reference_lists
+
 _NON_ALNUM = re.compile(r"[^a-z0-9]+")
 
 Text = Union[str, bytes]
@@ -77,15 +79,8 @@ def rouge(targets: Sequence[Union[Text, Sequence[Text]]],
     RougeError: when the lengths differ, there are no examples, or an example
       has no reference.
   """
-  if len(targets) != len(predictions):
-    raise RougeError(f"rouge: {len(targets)} targets vs {len(predictions)} predictions")
-  if not targets:
-    raise RougeError("rouge: no examples")
   totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
-  for i, (refs, pred) in enumerate(zip(targets, predictions)):
-    refs = [refs] if isinstance(refs, (str, bytes)) else list(refs)
-    if not refs:
-      raise RougeError(f"rouge: example {i} has no reference")
+  for refs, pred in zip(reference_lists(targets, predictions, "rouge", RougeError), predictions):
     per_ref = [score(r, pred) for r in refs]
     for k in totals:
       totals[k] += max(s[k] for s in per_ref)

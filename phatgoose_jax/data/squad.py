@@ -22,6 +22,8 @@ import re
 import string
 from typing import Sequence, Union
 
+from phatgoose_jax.data.references import reference_lists
+
 Text = Union[str, bytes]
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -61,15 +63,8 @@ def squad(targets: Sequence[Union[Text, Sequence[Text]]],
   Raises:
     SquadError: when the lengths differ, there are no examples, or an example has no reference.
   """
-  if len(targets) != len(predictions):
-    raise SquadError(f"squad: {len(targets)} targets vs {len(predictions)} predictions")
-  if not targets:
-    raise SquadError("squad: no examples")
   em = f = 0.0
-  for i, (target, pred) in enumerate(zip(targets, predictions)):
-    refs = [target] if isinstance(target, (str, bytes)) else list(target)
-    if not refs:
-      raise SquadError(f"squad: example {i} has no reference")
+  for refs, pred in zip(reference_lists(targets, predictions, "squad", SquadError), predictions):
     em += max(exact_match(r, pred) for r in refs)
     f += max(f1(r, pred) for r in refs)
   return {"exact_match": 100.0 * em / len(targets), "f1": 100.0 * f / len(targets)}
