@@ -53,8 +53,7 @@ def generate_tokens(model: nn.Module, variables: Mapping[str, Any], encoder_inpu
   if bsz < 1:
     raise scoring.ScoringError(f"generate_tokens: batch_size must be >= 1, got {batch_size}")
   bsz = min(bsz, max(n, 1))
-  shards = partitioning.active_batch_shards()  # under a mesh: a multiple of the data shards
-  bsz = -(-bsz // shards) * shards
+  bsz = partitioning.round_up_to_active_batch_shards(bsz)  # under a mesh: data-shard multiple
   if trim:
     enc = enc[:, :scoring.bucket_size(max(scoring.used_length(enc), 1), cap=enc.shape[1])]
   variables = scoring.model_variables(variables)

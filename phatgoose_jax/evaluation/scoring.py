@@ -189,8 +189,8 @@ def score_rows(model: nn.Module, variables: Mapping[str, Any], encoder_input_tok
   # Bucketed shapes: rows fixed, inputs and lengths rounded up to powers of two; under a
   # `partitioning_scope` both batch dims are multiples of the data shards (padding rows).
   u = bucket_size(enc.shape[0], cap=max(rows, enc.shape[0]), minimum=1)
-  shards = partitioning.active_batch_shards()
-  rows, u = -(-rows // shards) * shards, -(-u // shards) * shards
+  rows = partitioning.round_up_to_active_batch_shards(rows)
+  u = partitioning.round_up_to_active_batch_shards(u)
   length_l, length_t = enc.shape[1], targets.shape[1]
   if trim:
     length_l = bucket_size(max(used_length(enc), 1), cap=length_l)

@@ -192,6 +192,12 @@ def active_batch_shards() -> int:
   return batch_shards(*_ACTIVE_SCOPES[-1]) if _ACTIVE_SCOPES else 1
 
 
+def round_up_to_active_batch_shards(rows: int) -> int:
+  """``rows`` rounded up to a multiple of `active_batch_shards` (evaluation pads its batches)."""
+  shards = active_batch_shards()
+  return -(-rows // shards) * shards
+
+
 def batch_shards(mesh: Mesh, rules: Rules) -> int:
   """How many ways the ``batch`` axis is split: the product of the mesh axes it maps to."""
   spec = batch_sharding(mesh, rules, 1).spec

@@ -22,6 +22,14 @@ def _python(code: str, extra_env=None) -> subprocess.Popen:
                           stderr=subprocess.STDOUT, text=True)
 
 
+def _run_on_8_devices(code: str, timeout: int = 300) -> str:
+  """Runs ``code`` on 8 emulated CPU devices; its output (it must exit 0)."""
+  proc = _python(code, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  out, _ = proc.communicate(timeout=timeout)
+  assert proc.returncode == 0, out
+  return out
+
+
 def test_kill_after_checkpoint_then_resume_is_bitwise_equal_to_straight_run(tmp_path):
   killed_dir, straight_dir = str(tmp_path / "killed"), str(tmp_path / "straight")
   marker = str(tmp_path / "blocked")
@@ -53,10 +61,7 @@ def test_kill_after_checkpoint_then_resume_is_bitwise_equal_to_straight_run(tmp_
 
 
 def test_sharded_train_step_matches_single_device():
-  proc = _python("import training_helpers as F; F.sharding_worker()",
-                 {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
-  out, _ = proc.communicate(timeout=400)
-  assert proc.returncode == 0, out
+  out = _run_on_8_devices("import training_helpers as F; F.sharding_worker()", timeout=400)
   report = json.loads(out.split("REPORT", 1)[1].strip().splitlines()[0])
   for mode in ("lora", "routed"):
     r = report[mode]
@@ -87,9 +92,7 @@ def test_train_step_applies_the_models_logical_activation_constraints():
       "    txt = tr._train_step.lower(state, tr.base_params, b).as_text()\n"
       "  counts.append(txt.count('sharding_constraint'))\n"
       "print('COUNTS', *counts)\n")
-  proc = _python(code, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
-  out, _ = proc.communicate(timeout=300)
-  assert proc.returncode == 0, out
+  out = _run_on_8_devices(code)
   bare, inside = map(int, out.split("COUNTS", 1)[1].split()[:2])
   assert inside > bare
 
@@ -119,9 +122,7 @@ def test_batches_that_do_not_split_over_the_data_shards():
       "  eight.train_step(s8, F.random_batch(0, batch_size=6))\n"
       "except ValueError as e:\n"
       "  print('ERROR', e)\n")
-  proc = _python(code, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
-  out, _ = proc.communicate(timeout=300)
-  assert proc.returncode == 0, out
+  out = _run_on_8_devices(code)
   err = out.split("ERROR", 1)[1].strip().splitlines()[0]
   assert "6 rows per host does not split over the 8 data-parallel shards" in err
   assert "BATCH_SIZE" in err and "'data': 8" in err
